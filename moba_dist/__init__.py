@@ -1,0 +1,8 @@
+"""moba_dist: MoBA (Mixture of Block Attention) with context parallelism."""
+
+from moba_dist.config import MoBAConfig
+from moba_dist.ops import moba_attn_func, moba_attn_varlen
+
+__version__ = "0.1.0"
+
+__all__ = ["MoBAConfig", "__version__", "moba_attn_func", "moba_attn_varlen"]

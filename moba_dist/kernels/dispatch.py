@@ -1,0 +1,110 @@
+"""Backend choice and the routed-attention entry points every caller goes through.
+
+``resolve_backend`` turns ``"auto"`` into the fastest backend that can run the given tensors and
+raises a clear error when an explicitly requested one cannot. ``routed_fwd``/``routed_bwd`` run
+routed attention (see ``reference.py``) on the chosen backend; the single-device op additionally
+has the aligned ``varlen`` path (``varlen.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from moba_dist.kernels.flash import flash_available
+from moba_dist.kernels.reference import RoutedKeys, reference_routed_bwd, reference_routed_fwd
+
+__all__ = ["backend_unavailable_reason", "resolve_backend", "routed_bwd", "routed_fwd"]
+
+
+def _triton_module():
+    """The triton kernels module, or None when triton (or the module) is missing."""
+    try:
+        return importlib.import_module("moba_dist.kernels.triton_moba")
+    except ImportError:
+        return None
+
+
+def backend_unavailable_reason(backend: str, q: torch.Tensor, routed: bool = False) -> str | None:
+    """Why ``backend`` cannot run on tensors like ``q [.., H, D]`` (None when it can).
+
+    ``routed=True`` asks for routed attention over an arbitrary key set (the CP op), which the
+    aligned-only ``varlen`` path does not provide.
+    """
+    d = q.shape[-1]
+    if backend == "reference":
+        return None
+    if backend == "varlen":
+        if routed:
+            return "the varlen backend serves the single-device op only (aligned q and k)"
+        if not flash_available(q.device):
+            return f"it needs a CUDA GPU (sm80+) with FlashAttention-2 kernels, got {q.device}"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"FlashAttention-2 takes float16/bfloat16, got {q.dtype}"
+        if d % 8 != 0 or d > 256:
+            return f"FlashAttention-2 takes head_dim a multiple of 8 up to 256, got {d}"
+        return None
+    if backend == "triton":
+        mod = _triton_module()
+        if mod is None:
+            return "triton is not installed (pip install 'moba-dist[triton]')"
+        return mod.unavailable_reason(q)
+    raise ValueError(f"backend must be one of auto, reference, varlen, triton; got {backend!r}")
+
+
+def resolve_backend(backend: str, q: torch.Tensor, routed: bool = False) -> str:
+    """Name of the backend to run: ``backend`` itself if it can run, the fastest one for
+    ``"auto"``; an explicit backend that cannot run raises ``ValueError`` saying why."""
+    if backend == "auto":
+        # The Triton interpreter is a correctness tool, far too slow to pick on its own.
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        for name in ("triton", "varlen"):
+            if name == "triton" and (interpreted or q.device.type != "cuda"):
+                continue
+            if backend_unavailable_reason(name, q, routed) is None:
+                return name
+        return "reference"
+    reason = backend_unavailable_reason(backend, q, routed)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run here: {reason}")
+    return backend
+
+
+def routed_fwd(
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    keys: RoutedKeys,
+    sel: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention forward on ``backend`` ("reference" or "triton"): ``out [Tq, Hq, D]``
+    in q's dtype, ``lse [Hq, Tq]`` float32, float64 for float64 inputs (-inf for queries without
+    keys)."""
+    if backend == "triton":
+        return _triton_module().routed_fwd(q, k, v, q_pos, keys, sel, softmax_scale)
+    return reference_routed_fwd(q, k, v, q_pos, keys, sel, softmax_scale)
+
+
+def routed_bwd(
+    backend: str,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_pos: torch.Tensor,
+    keys: RoutedKeys,
+    sel: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routed attention backward over this key set given the final ``out`` and ``lse``:
+    float32 (float64 for float64 inputs) ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]``."""
+    if backend == "triton":
+        return _triton_module().routed_bwd(dout, q, k, v, out, lse, q_pos, keys, sel, softmax_scale)
+    return reference_routed_bwd(dout, q, k, v, out, lse, q_pos, keys, sel, softmax_scale)

@@ -1,0 +1,21 @@
+"""Context parallelism for MoBA: sharding layouts, communication, and the CP op."""
+
+from moba_dist.parallel.layouts import (
+    LAYOUTS,
+    CPPadding,
+    check_layout,
+    local_positions,
+    pad_for_cp,
+    shard,
+    unshard,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "CPPadding",
+    "check_layout",
+    "local_positions",
+    "pad_for_cp",
+    "shard",
+    "unshard",
+]
