@@ -1,5 +1,6 @@
 """Context parallelism for MoBA: sharding layouts, communication, and the CP op."""
 
+from moba_dist.parallel.cp import moba_cp_attn_varlen
 from moba_dist.parallel.layouts import (
     LAYOUTS,
     CPPadding,
@@ -15,6 +16,7 @@ __all__ = [
     "CPPadding",
     "check_layout",
     "local_positions",
+    "moba_cp_attn_varlen",
     "pad_for_cp",
     "shard",
     "unshard",

@@ -1,0 +1,197 @@
+"""Triton backend of routed attention: entry points and the selection plan the kernels read.
+
+Per-query routing defeats tile-level block sparsity (the union of blocks chosen by a 128-query
+tile covers most blocks), so the kernels work the other way round, FlashMoBA-style: every valid
+selection ``(t, h, slot)`` of ``sel [Tq, Hq, K]`` is an *entry* ``e = (t * Hq + h) * K + slot``;
+entries are sorted by group ``g = block * Hkv + kv_head`` (ties by e, so by token), and one
+program takes a tile of up to BLOCK_M entries of one group: it gathers those query rows and
+streams the block's K/V rows once for all of them.
+
+- Forward (``triton_fwd``): each entry gets a partial ``(o, lse)`` over its block; a merge kernel
+  LSE-combines the K partials of every ``(t, h)`` in a fixed order (deterministic, no atomics).
+- Backward (``triton_bwd``): dK/dV per (group, key tile) looping over the group's entries (every
+  key row belongs to exactly one group, so it is written once), dQ per entry tile into a per-slot
+  buffer summed over K.
+
+Partial buffers are ``[entries, D]`` float32, so the entries are processed in token chunks of at
+most ``_CHUNK_ELEMS`` elements; the sort and the group offsets are global (int64 throughout).
+The plan is built on the device without host synchronisation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from moba_dist.kernels.reference import RoutedKeys
+
+__all__ = ["EntryPlan", "routed_bwd", "routed_fwd", "tile_table", "unavailable_reason"]
+
+# Float32 elements of one chunk's partial buffer ([entries, D]): 1 GiB.
+_CHUNK_ELEMS = 1 << 28
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def unavailable_reason(q: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run tensors like ``q [T, H, D]`` (None when they can)."""
+    d = q.shape[-1]
+    if d not in _HEAD_DIMS:
+        return f"the triton kernels take head_dim in {_HEAD_DIMS}, got {d}"
+    if q.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+        if q.dtype != torch.float32:
+            return "bf16 tl.dot is wrong in the Triton interpreter; use float32 on CPU"
+        return None
+    if q.device.type != "cuda":
+        return f"the triton kernels run on CUDA (or CPU under the interpreter), got {q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the triton kernels take float16/bfloat16/float32, got {q.dtype}"
+    return None
+
+
+@dataclass(frozen=True)
+class EntryPlan:
+    """Valid selections sorted by (group, entry).
+
+    ``ent [E]`` int64: sorted entry ids, invalid (-1) slots last. ``group_off [G + 1]`` int64:
+    entries of group g are ``ent[group_off[g]:group_off[g + 1]]`` (G = N * Hkv).
+    ``ent_pos [E]`` int64: query position of each sorted entry (for causal tile bounds).
+    ``comp [E]`` int64: the sorted keys ``group * E + e`` (range searches per token chunk).
+    """
+
+    ent: torch.Tensor
+    comp: torch.Tensor
+    group_off: torch.Tensor
+    ent_pos: torch.Tensor
+    num_groups: int
+    topk: int
+    hq: int
+    hkv: int
+
+
+def plan_entries(sel: torch.Tensor, q_pos: torch.Tensor, num_blocks: int, hkv: int) -> EntryPlan:
+    """Sort the entries of ``sel [Tq, Hq, K]`` by (block, KV head), then by entry id."""
+    tq, hq, topk = sel.shape
+    n_ent = tq * hq * topk
+    groups = num_blocks * hkv
+    flat = sel.reshape(-1).to(torch.int64)
+    e = torch.arange(n_ent, device=sel.device)
+    kv_head = (e // topk % hq) // (hq // hkv)
+    # Invalid slots go to the sentinel group G, which sorts after every real group.
+    g = torch.where(flat >= 0, flat * hkv + kv_head, groups)
+    # One composite key (group, entry) makes the sort order unique, so any sort is stable.
+    comp = torch.sort(g * n_ent + e).values
+    ent = comp % n_ent
+    counts = torch.bincount(g, minlength=groups + 1)[:groups]
+    group_off = torch.zeros(groups + 1, dtype=torch.int64, device=sel.device)
+    torch.cumsum(counts, 0, out=group_off[1:])
+    ent_pos = q_pos.to(torch.int64)[ent // (hq * topk)]
+    return EntryPlan(ent, comp, group_off, ent_pos, groups, topk, hq, hkv)
+
+
+def tile_table(sizes: torch.Tensor, tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut each group's ``sizes [G]`` items into tiles of ``tile``.
+
+    Returns ``(group [bound], index [bound])`` int64: tile i covers items
+    ``index[i] * tile ...`` of group ``group[i]``; entries past the real tile count have group -1
+    (their programs exit at once). ``bound`` must be >= the tile count; a static bound keeps the
+    launch free of host synchronisation.
+    """
+    n_tiles = (sizes + tile - 1) // tile
+    ends = torch.cumsum(n_tiles, 0)
+    i = torch.arange(bound, device=sizes.device)
+    group = torch.searchsorted(ends, i, right=True)
+    live = group < sizes.numel()
+    group = group.clamp_max(sizes.numel() - 1)
+    index = i - (ends - n_tiles)[group]
+    return torch.where(live, group, -1), index
+
+
+@dataclass(frozen=True)
+class QueryTiles:
+    """Entry tiles of one token chunk: ``start/stop`` index ``plan.ent``; ``kend`` is the key row
+    after which no query of the tile sees a key (the own block's causal bound)."""
+
+    group: torch.Tensor
+    start: torch.Tensor
+    stop: torch.Tensor
+    kend: torch.Tensor
+
+
+def chunk_tiles(plan: EntryPlan, keys: RoutedKeys, e0: int, e1: int, block_m: int) -> QueryTiles:
+    """Tiles over the entries in ``[e0, e1)`` of every group: a contiguous range of each group,
+    because entries are sorted by e inside a group."""
+    n_ent = plan.ent.numel()
+    gid = torch.arange(plan.num_groups, device=plan.ent.device)
+    lo = torch.searchsorted(plan.comp, gid * n_ent + e0)
+    hi = torch.searchsorted(plan.comp, gid * n_ent + e1)
+    bound = (e1 - e0) // block_m + plan.num_groups
+    group, index = tile_table(hi - lo, block_m, bound)
+    gs = group.clamp_min(0)
+    start = lo[gs] + index * block_m
+    stop = torch.minimum(start + block_m, hi[gs])
+    kend = _causal_kend(plan, keys, gs, start, stop, block_m)
+    return QueryTiles(group.to(torch.int32), start, stop, kend)
+
+
+def _causal_kend(plan, keys: RoutedKeys, group, start, stop, block_m: int) -> torch.Tensor:
+    """Per tile: the end of the key rows any of its queries can see (<= the block's end)."""
+    rows = (start[:, None] + torch.arange(block_m, device=start.device)).clamp_max(
+        plan.ent.numel() - 1
+    )
+    pos = torch.where(rows < stop[:, None], plan.ent_pos[rows], -1).amax(1)
+    blk = group // plan.hkv
+    seen = torch.searchsorted(keys.k_pos, pos, right=True)
+    return torch.minimum(seen, keys.block_rows[blk + 1]).clamp_min(keys.block_rows[blk])
+
+
+def token_chunks(tq: int, hq: int, topk: int, d: int) -> list[tuple[int, int]]:
+    """Token ranges whose ``[entries, D]`` partial buffer stays under ``_CHUNK_ELEMS``."""
+    step = max(1, _CHUNK_ELEMS // (hq * topk * d))
+    return [(t0, min(tq, t0 + step)) for t0 in range(0, tq, step)]
+
+
+def routed_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    keys: RoutedKeys,
+    sel: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention (see ``reference.reference_routed_fwd``): ``q [Tq, Hq, D]``,
+    ``k, v [Tk, Hkv, D]`` -> ``out [Tq, Hq, D]`` (q's dtype), ``lse [Hq, Tq]`` float32."""
+    from moba_dist.kernels.triton_fwd import fwd_chunks
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    plan = plan_entries(sel, q_pos, keys.block_rows.numel() - 1, k.shape[1])
+    return fwd_chunks(q, k, v, q_pos, keys, plan, softmax_scale)
+
+
+def routed_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_pos: torch.Tensor,
+    keys: RoutedKeys,
+    sel: torch.Tensor,
+    softmax_scale: float,
+    grad_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of routed attention over this key set given the *final* ``out`` and
+    ``lse [Hq, Tq]`` (see ``reference.reference_routed_bwd``): ``dq [Tq, Hq, D]``,
+    ``dk, dv [Tk, Hkv, D]`` in ``grad_dtype`` (float32 by default: CP callers add partial
+    gradients; the single-device op may ask for q's dtype to save memory)."""
+    from moba_dist.kernels.triton_bwd import bwd_all
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dout, out = dout.contiguous(), out.contiguous()
+    plan = plan_entries(sel, q_pos, keys.block_rows.numel() - 1, k.shape[1])
+    return bwd_all(dout, q, k, v, out, lse, q_pos, keys, plan, softmax_scale, grad_dtype)

@@ -1,0 +1,272 @@
+"""Context-parallel MoBA: the autograd function, ``moba_cp_attn_varlen`` and
+``MoBAContextParallel``.
+
+Per call (design.md): handshake -> global centroids -> routing -> fetch plan -> launch the K/V
+transfer -> attend to local keys while it flies -> attend to fetched keys -> LSE merge. The
+backward reuses the routing, keeps dQ local, fetches the rows again (or reuses them with
+``keep_fetched=True``) and returns dK/dV of fetched rows to their owners in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moba_dist.checks import check_attention_inputs
+from moba_dist.config import MoBAConfig
+from moba_dist.kernels.blocks import BlockLayout
+from moba_dist.kernels.dispatch import resolve_backend, routed_bwd, routed_fwd
+from moba_dist.parallel import comm
+from moba_dist.parallel.exchange import CPPlan, make_plan, return_grads, start_fetch
+from moba_dist.parallel.handshake import agree_or_raise, fingerprint
+from moba_dist.parallel.layouts import LAYOUTS, check_layout
+from moba_dist.parallel.plan import build_ownership
+
+__all__ = ["STRATEGIES", "MoBAContextParallel", "moba_cp_attn_varlen"]
+
+STRATEGIES = ("auto", "selective", "allgather")
+
+
+def merge_lse(o1, l1, o2, l2):
+    """Combine two partial attentions over disjoint key sets (``o [T, H, D]``, ``lse [H, T]``)
+    in float32. A part without keys has lse = -inf; shifting by 0 there avoids -inf - -inf."""
+    m = torch.maximum(l1, l2)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    total = w1 + w2
+    out = o1.to(w1.dtype) * w1.t()[..., None] + o2.to(w1.dtype) * w2.t()[..., None]
+    out = out / total.clamp_min(torch.finfo(total.dtype).tiny).t()[..., None]
+    lse = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))
+    return out.to(o1.dtype), lse
+
+
+def _elem_bytes(x: torch.Tensor) -> int:
+    return x.element_size()
+
+
+class MoBACPFunction(torch.autograd.Function):
+    """Autograd of one CP call; the plan (routing, fetch lists) is built outside and reused."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: CPPlan, scale: float, backend: str, keep: bool, stats: dict):
+        q_pos = plan.own.positions
+        fetch = start_fetch(plan, k, v)
+        o1, l1 = routed_fwd(backend, q, k, v, q_pos, plan.local_keys, plan.sel, scale)
+        fetched = fetch()
+        o2, l2 = routed_fwd(backend, q, fetched.k, fetched.v, q_pos, fetched.keys, plan.sel, scale)
+        out, lse = merge_lse(o1, l1, o2, l2)
+        saved = (fetched.k, fetched.v) if keep else ()
+        ctx.save_for_backward(q, k, v, out, lse, *saved)
+        ctx.plan, ctx.scale, ctx.backend, ctx.keep, ctx.stats = plan, scale, backend, keep, stats
+        ctx.fetched_keys = fetched.keys if keep else None
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, *saved = ctx.saved_tensors
+        plan, scale, backend = ctx.plan, ctx.scale, ctx.backend
+        dout = dout.contiguous()
+        fetch = None if ctx.keep else start_fetch(plan, k, v)
+        dq, dk, dv = routed_bwd(
+            backend, dout, q, k, v, out, lse, plan.own.positions, plan.local_keys, plan.sel, scale
+        )
+        if fetch is not None:
+            fetched = fetch()
+            fk, fv, fkeys = fetched.k, fetched.v, fetched.keys
+        else:
+            fk, fv, fkeys = saved[0], saved[1], ctx.fetched_keys
+        dq2, dk_f, dv_f = routed_bwd(
+            backend, dout, q, fk, fv, out, lse, plan.own.positions, fkeys, plan.sel, scale
+        )
+        sent = return_grads(plan, dk_f.to(dk.dtype), dv_f.to(dk.dtype), dk, dv)
+        refetch = 0 if ctx.keep else ctx.stats.get("bytes_received", 0)
+        ctx.stats["bwd_bytes_sent"] = sent + (0 if ctx.keep else ctx.stats.get("bytes_sent", 0))
+        ctx.stats["bwd_bytes_received"] = refetch + _grad_bytes_received(plan, dk)
+        dq = dq + dq2
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def _grad_bytes_received(plan: CPPlan, dk: torch.Tensor) -> int:
+    row = 2 * dk.shape[-1] * dk.element_size()
+    if plan.strategy == "allgather":
+        return (plan.world - 1) * dk.shape[0] * dk.shape[1] * row
+    return sum(plan.send_counts) * row
+
+
+def moba_density(blocks: BlockLayout, cu_seqlens: torch.Tensor, topk: int) -> float:
+    """Useful keys over dense causal keys for the whole packed batch (moba_semantics.md)."""
+    sizes = (blocks.block_starts[1:] - blocks.block_starts[:-1]).double()
+    index_in_seq = torch.arange(blocks.num_blocks, device=sizes.device) - blocks.block_seq_first
+    past = torch.clamp(index_in_seq, max=topk - 1).double() * blocks.block_size
+    useful = (sizes * (sizes + 1) / 2 + past * sizes).sum()
+    n = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
+    return float(useful / (n * (n + 1) / 2).sum())
+
+
+def _fwd_stats(plan: CPPlan, k: torch.Tensor, density: float) -> dict[str, Any]:
+    row = 2 * k.shape[-1] * _elem_bytes(k)
+    if plan.strategy == "allgather":
+        sent = recv = (plan.world - 1) * k.shape[0] * k.shape[1] * row
+    else:
+        sent, recv = sum(plan.send_counts) * row, sum(plan.recv_counts) * row
+    return {
+        "strategy": plan.strategy, "bytes_sent": sent, "bytes_received": recv,
+        "union_fraction": plan.union_fraction, "union_fraction_max": plan.union_fraction_max,
+        "density": density, "world_size": plan.world,
+    }  # fmt: skip
+
+
+def _validate(q, k, v, cu_seqlens, world, cfg: dict, group) -> list[int]:
+    """Local checks of one rank; returns its handshake fingerprint."""
+    q, k, v = check_attention_inputs(q, k, v, "[T_local, H, D]")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+        got = getattr(cu_seqlens, "dtype", type(cu_seqlens).__name__)
+        raise TypeError(f"cu_seqlens must be an int32 tensor (the global packed offsets), got {got}")
+    MoBAConfig(cfg["moba_chunk_size"], cfg["moba_topk"], cfg["softmax_scale"], cfg["backend"])
+    if cfg["strategy"] not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg['strategy']!r}")
+    check_layout(cu_seqlens.cpu(), world_size=world, layout=cfg["layout"])
+    expect = int(cu_seqlens[-1]) // world
+    if q.shape[0] != expect:
+        raise ValueError(
+            f"q/k/v must be this rank's shard of {int(cu_seqlens[-1])} tokens over {world} ranks "
+            f"({expect} tokens, as moba_dist.parallel.shard returns), got {q.shape[0]}"
+        )
+    if comm.backend_name(group) == "gloo" and q.device.type != "cpu":
+        raise ValueError(f"a gloo process group moves CPU tensors, got q on {q.device}")
+    resolve_backend(cfg["backend"], q, routed=True)
+    return fingerprint(q, k, cu_seqlens, world, cfg)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation-checkpoint recomputation)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+@torch.compiler.disable
+def moba_cp_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    moba_chunk_size: int,
+    moba_topk: int,
+    process_group: Any = None,
+    layout: str = "contiguous",
+    softmax_scale: float | None = None,
+    strategy: str = "auto",
+    backend: str = "auto",
+    keep_fetched: bool = False,
+    return_lse: bool = False,
+    stats: dict | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Context-parallel MoBA: the function of ``moba_attn_varlen`` on a sequence split over ranks.
+
+    Args:
+        q: ``[T_local, Hq, D]`` this rank's shard (``moba_dist.parallel.shard`` of the global
+            packed ``[T, Hq, D]``); ``k, v``: ``[T_local, Hkv, D]``, ``Hq % Hkv == 0``.
+        cu_seqlens: the *global* packed offsets, int32 ``[nseq + 1]``, identical on every rank.
+        moba_chunk_size, moba_topk, softmax_scale: as in ``moba_attn_varlen``.
+        process_group: the CP group (``None``: torch.distributed's default group). Ranks are
+            group ranks, so CP can run on a sub-group of a larger (e.g. DP x CP) world.
+        layout: ``"contiguous"`` or ``"zigzag"`` (see ``moba_dist.parallel.layouts``).
+        strategy: ``"selective"`` fetches only the (block, KV head) rows local queries selected;
+            ``"allgather"`` gathers all K/V; ``"auto"`` picks per call, identically on every rank,
+            from the exchanged union fractions (``AUTO_ALLGATHER_FRACTION``).
+        backend: local kernel, ``"auto"``, ``"reference"`` or ``"triton"``.
+        keep_fetched: keep fetched K/V for the backward instead of fetching again (more memory,
+            less traffic).
+        return_lse: also return ``lse [Hq, T_local]`` float32 (not differentiable).
+        stats: optional dict filled with this call's statistics (see ``MoBAContextParallel``).
+
+    Returns:
+        ``out [T_local, Hq, D]`` in q's dtype (and lse); autograd for the local q, k, v.
+
+    Raises:
+        ValueError/TypeError on every rank when any rank's inputs are invalid or ranks disagree
+        on configuration or shapes (checked by the first collective, so no rank hangs).
+    """
+    group = comm.resolve_group(process_group)
+    rank, world = comm.group_rank_and_size(group)
+    cfg = dict(
+        moba_chunk_size=moba_chunk_size, moba_topk=moba_topk, layout=layout,
+        softmax_scale=softmax_scale, strategy=strategy, backend=backend,
+        keep_fetched=bool(keep_fetched),
+    )  # fmt: skip
+    agree_or_raise(lambda: _validate(q, k, v, cu_seqlens, world, cfg, group), group, rank)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cu = cu_seqlens.to(q.device)
+    blocks = BlockLayout.build(cu, moba_chunk_size)
+    own = build_ownership(cu, rank, world, layout, q.device)
+    plan = make_plan(q, k, blocks, own, moba_topk, strategy, group, rank, world)
+    scale = MoBAConfig(moba_chunk_size, moba_topk, softmax_scale).scale_for(q.shape[-1])
+    name = resolve_backend(backend, q, routed=True)
+    call_stats: dict = {} if stats is None else stats
+    call_stats.update(_fwd_stats(plan, k, moba_density(blocks, cu, moba_topk)))
+    out, lse = MoBACPFunction.apply(q, k, v, plan, scale, name, bool(keep_fetched), call_stats)
+    return (out, lse) if return_lse else out
+
+
+class MoBAContextParallel(nn.Module):
+    """MoBA attention over a sequence split across the ranks of a process group.
+
+    ``forward(q, k, v, cu_seqlens, return_lse=False)`` takes this rank's shards ``[T_local, H,
+    D]`` and the global ``cu_seqlens`` and equals ``moba_attn_varlen`` on the unsharded input
+    (up to near-ties of the gate), for any world size and layout. See
+    :func:`moba_cp_attn_varlen` for every argument.
+
+    After each forward, ``last_stats`` holds: ``strategy`` (the one taken), ``bytes_sent`` /
+    ``bytes_received`` (K/V payload bytes of this rank in the forward), ``union_fraction`` (share
+    of the remote (row, KV head) pairs this rank needed; ``union_fraction_max`` over ranks),
+    ``density`` (MoBA keys over causal keys), ``world_size``; after the backward also
+    ``bwd_bytes_sent`` / ``bwd_bytes_received`` (re-fetch plus float32 gradient return). A
+    forward recomputed by activation checkpointing writes ``last_recompute_stats`` instead.
+    """
+
+    def __init__(
+        self,
+        moba_chunk_size: int,
+        moba_topk: int,
+        process_group: Any = None,
+        layout: str = "contiguous",
+        softmax_scale: float | None = None,
+        strategy: str = "auto",
+        backend: str = "auto",
+        keep_fetched: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = MoBAConfig(moba_chunk_size, moba_topk, softmax_scale, backend)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.process_group, self.layout = process_group, layout
+        self.strategy, self.keep_fetched = strategy, keep_fetched
+        self.last_stats: dict[str, Any] = {}
+        self.last_recompute_stats: dict[str, Any] = {}
+
+    def forward(self, q, k, v, cu_seqlens, return_lse: bool = False):
+        stats: dict[str, Any] = {}
+        if _in_backward():
+            self.last_recompute_stats = stats
+        else:
+            self.last_stats = stats
+        c = self.config
+        return moba_cp_attn_varlen(
+            q, k, v, cu_seqlens, moba_chunk_size=c.moba_chunk_size, moba_topk=c.moba_topk,
+            process_group=self.process_group, layout=self.layout, softmax_scale=c.softmax_scale,
+            strategy=self.strategy, backend=c.backend, keep_fetched=self.keep_fetched,
+            return_lse=return_lse, stats=stats,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"moba_chunk_size={c.moba_chunk_size}, moba_topk={c.moba_topk}, "
+            f"layout={self.layout!r}, strategy={self.strategy!r}, backend={c.backend!r}"
+        )

@@ -1,0 +1,202 @@
+"""Context-parallel MoBA on gloo against the single-process op on the unsharded input.
+
+Each spawned world runs many cases (a spawn costs seconds on 2 cores); every rank compares its
+own shard of out, lse, dq, dk, dv and asserts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import run_world
+
+from moba_dist import MoBAContextParallel, moba_attn_varlen
+from moba_dist.parallel import moba_cp_attn_varlen, pad_for_cp, shard
+
+pytestmark = pytest.mark.dist
+
+# Float64 end to end; CP differs from the single-process op only in summation order (partial
+# centroids, LSE merge of two key sets), so 1e-9 is far above rounding and far below any real bug.
+TOL = dict(atol=1e-9, rtol=1e-9)
+HQ, HKV, D = 4, 2, 8
+
+
+def seq_lens(world: int, layout: str) -> list[int]:
+    """Awkward packed lengths that satisfy the layout: blocks and sequences cross ranks."""
+    if layout == "zigzag":
+        return [2 * world * 2, 2 * world * 5, 2 * world * 3]
+    lens = [7, 10 * world + 3, 5]
+    lens[-1] += (-sum(lens)) % world
+    return lens
+
+
+def make_global(lens, seed=0, hq=HQ, hkv=HKV):
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    q, k, v, dout = (torch.randn(t, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, dout, cu
+
+
+def reference(q, k, v, dout, cu, block, topk):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = moba_attn_varlen(
+        *leaves, cu, int((cu[1:] - cu[:-1]).max()), moba_chunk_size=block, moba_topk=topk,
+        return_lse=True, backend="reference",
+    )  # fmt: skip
+    out.backward(dout)
+    return out.detach(), lse, *(x.grad for x in leaves)
+
+
+def check_case(rank, world, layout, block, topk, strategy, group=None, seed=0, **kw):
+    q, k, v, dout, cu = make_global(seq_lens(world, layout), seed)
+    want = reference(q, k, v, dout, cu, block, topk)
+    sh = dict(rank=rank, world_size=world, layout=layout)
+    lq, lk, lv = (shard(x, cu, **sh).clone().requires_grad_() for x in (q, k, v))
+    out, lse = moba_cp_attn_varlen(
+        lq, lk, lv, cu, moba_chunk_size=block, moba_topk=topk, layout=layout, strategy=strategy,
+        process_group=group, return_lse=True, backend="reference", **kw,
+    )  # fmt: skip
+    out.backward(shard(dout, cu, **sh))
+    got = [out, lse, lq.grad, lk.grad, lv.grad]
+    want_local = [shard(w, cu, **sh, dim=1 if i == 1 else 0) for i, w in enumerate(want)]
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, want_local, strict=True):
+        tol = dict(atol=1e-6, rtol=1e-6) if name == "lse" else TOL  # lse is float32 by contract
+        ctx = f"{name} rank {rank}/{world} {layout} B={block} K={topk} {strategy}"
+        torch.testing.assert_close(a.double(), b.double(), **tol, msg=lambda m, c=ctx: f"{c}: {m}")
+
+
+def _grid_worker(rank, world):
+    for layout in ("contiguous", "zigzag"):
+        for block, topk in ((5, 1), (5, 2), (3, 3), (4, 100), (64, 2)):
+            for strategy in ("selective", "allgather", "auto"):
+                check_case(rank, world, layout, block, topk, strategy)
+    check_case(rank, world, "zigzag", 5, 3, "selective", keep_fetched=True)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4], ids=lambda w: f"world{w}")
+def test_cp_matches_single_process(world):
+    run_world(world, _grid_worker)
+
+
+def _subgroup_worker(rank, world):
+    # World 4 as 2 data-parallel x 2 context-parallel: CP groups {0,1} and {2,3}. Every rank
+    # creates every group (new_group is collective); each DP replica gets its own data.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    check_case(rank % 2, 2, "zigzag", 5, 2, "selective", group=group, seed=rank // 2)
+    check_case(rank % 2, 2, "contiguous", 4, 3, "auto", group=group, seed=10 + rank // 2)
+
+
+def test_cp_on_subgroup_of_larger_world():
+    run_world(4, _subgroup_worker)
+
+
+def _mismatch_worker(rank, world):
+    q, k, v, _, cu = make_global(seq_lens(world, "contiguous"))
+    lq, lk, lv = (shard(x, cu, rank=rank, world_size=world) for x in (q, k, v))
+    topk = 2 if rank == 0 else 3  # rank 1 disagrees
+    with pytest.raises(ValueError, match=r"moba_topk: rank 0=2, rank 1=3"):
+        moba_cp_attn_varlen(lq, lk, lv, cu, moba_chunk_size=4, moba_topk=topk)
+    # A wrong shard size on one rank raises there and makes the others raise instead of hang.
+    bad = [x[:-1] for x in (lq, lk, lv)] if rank == 1 else [lq, lk, lv]
+    expected = f"got {lq.shape[0] - 1}" if rank == 1 else r"rank\(s\) \[1\]"
+    with pytest.raises(ValueError, match=expected):
+        moba_cp_attn_varlen(*bad, cu, moba_chunk_size=4, moba_topk=2)
+
+
+def test_config_mismatch_raises_on_every_rank():
+    run_world(2, _mismatch_worker)
+
+
+def _concentrated_worker(rank, world):
+    # Keys of block 0 of the long sequence are large and aligned with every query, so every
+    # query's only past choice (K=2) is block 0: rank r must fetch exactly block 0's rows of
+    # both KV heads plus its own blocks' causal prefixes on other ranks, nothing more.
+    block, lens = 8, [64 * world]
+    q, k, v, _, cu = make_global(lens, seed=3)
+    q = q.abs()
+    k[:block] = 5.0
+    lq, lk, lv = (shard(x, cu, rank=rank, world_size=world) for x in (q, k, v))
+    mod = MoBAContextParallel(block, 2, strategy="selective", backend="reference")
+    mod(lq, lk, lv, cu)
+    t_local = 64
+    start = rank * t_local
+    rows = 0 if rank == 0 else block  # block 0 lives on rank 0
+    if start % block:  # own block starts on the previous rank: its prefix is fetched too
+        rows += start % block
+    row_bytes = 2 * D * 8  # K and V, float64
+    assert mod.last_stats["bytes_received"] == rows * HKV * row_bytes, mod.last_stats
+    assert mod.last_stats["strategy"] == "selective"
+    ag = MoBAContextParallel(block, 2, strategy="allgather", backend="reference")
+    ag(lq, lk, lv, cu)
+    assert ag.last_stats["bytes_received"] == (world - 1) * t_local * HKV * row_bytes
+
+
+def test_selective_moves_only_selected_rows():
+    run_world(3, _concentrated_worker)
+
+
+def _checkpoint_and_determinism_worker(rank, world):
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v, dout, cu = make_global(seq_lens(world, "zigzag"), seed=5)
+    sh = dict(rank=rank, world_size=world, layout="zigzag")
+    mod = MoBAContextParallel(5, 3, layout="zigzag", backend="reference")
+    grads = []
+    for use_ckpt in (False, False, True):
+        leaves = [shard(x, cu, **sh).clone().requires_grad_() for x in (q, k, v)]
+        if use_ckpt:
+            out = checkpoint(mod, *leaves, cu, use_reentrant=False)
+        else:
+            out = mod(*leaves, cu)
+        out.backward(shard(dout, cu, **sh))
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert torch.equal(a, b), "gradients are not bitwise repeatable"
+    for a, b in zip(grads[0], grads[2], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert mod.last_recompute_stats, "recompute must report its own stats"
+    assert mod.last_stats["bwd_bytes_received"] >= 0
+    # Inside torch.compile the op is a graph break, never an error, and the result is unchanged.
+    leaves = [shard(x, cu, **sh).clone().requires_grad_() for x in (q, k, v)]
+    out = torch.compile(lambda a, b, c: mod(a * 1.0, b, c, cu) * 2.0, backend="aot_eager")(*leaves)
+    out.backward(shard(dout, cu, **sh) * 0.5)
+    for a, b in zip([x.grad for x in leaves], grads[0], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_checkpointing_and_bitwise_determinism():
+    run_world(2, _checkpoint_and_determinism_worker)
+
+
+def _padding_worker(rank, world):
+    lens = [9, 14]  # neither layout holds without padding for world 2
+    for layout in ("contiguous", "zigzag"):
+        q, k, v, dout, cu = make_global(lens, seed=7)
+        want = reference(q, k, v, dout, cu, 4, 2)
+        plan = pad_for_cp(cu, world_size=world, layout=layout)
+        sh = dict(rank=rank, world_size=world, layout=layout)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        local = [shard(plan.pad(x), plan.cu_seqlens, **sh) for x in leaves]
+        out = moba_cp_attn_varlen(
+            *local, plan.cu_seqlens, moba_chunk_size=4, moba_topk=2, layout=layout,
+            backend="reference",
+        )  # fmt: skip
+        keep = plan.local_real_index(rank)
+        real_pos = plan.real_index.new_tensor(
+            [i for i, p in enumerate(plan.real_index.tolist()) if p in set(
+                shard(torch.arange(plan.cu_seqlens[-1].item()), plan.cu_seqlens, **sh).tolist())]
+        )  # fmt: skip
+        torch.testing.assert_close(out.index_select(0, keep), want[0][real_pos], **TOL)
+        # Gradients reach the real tokens only; summed over ranks they equal the reference.
+        out.index_select(0, keep).backward(dout[real_pos])
+        for leaf, ref_grad in zip(leaves, want[2:], strict=True):
+            total = leaf.grad.clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, ref_grad, **TOL)
+
+
+def test_padding_for_cp():
+    run_world(2, _padding_worker)

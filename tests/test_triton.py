@@ -1,0 +1,185 @@
+"""Triton backend against the pure-torch reference (CPU: Triton interpreter, float32 only).
+
+tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported on machines without a GPU.
+bf16 ``tl.dot`` is wrong in the interpreter, so everything here is float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from moba_dist import moba_attn_varlen  # noqa: E402
+from moba_dist.kernels import triton_moba  # noqa: E402
+from moba_dist.kernels.blocks import BlockLayout  # noqa: E402
+from moba_dist.kernels.gate import block_centroids, select_blocks  # noqa: E402
+from moba_dist.kernels.reference import (  # noqa: E402
+    RoutedKeys,
+    reference_routed_bwd,
+    reference_routed_fwd,
+)
+from moba_dist.kernels.triton_gate import select_blocks_triton  # noqa: E402
+from moba_dist.ops import moba_route  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Both sides accumulate in float32 over at most a few hundred keys, in different orders
+# (tiles vs whole-group products, partial merges): observed errors ~1e-6; 2e-5 is 10-20x margin
+# and still far below any wrong-mask error (O(0.1)). On a GPU, float32 dots run as IEEE too.
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+CASES = {
+    # name: (sequence lengths, block size, Hq, Hkv, D, topk)
+    "ragged-packed-B16-top3": ([37, 70, 5], 16, 4, 2, 64, 3),
+    "gqa4to1-top2": ([64, 29], 16, 8, 2, 64, 2),
+    "mha-top1": ([50], 16, 2, 2, 64, 1),
+    "top-ge-blocks": ([45, 20], 16, 2, 1, 64, 100),
+    "d128-top3": ([48], 16, 2, 2, 128, 3),
+}
+
+
+def make(lens, block, hq, hkv, d, topk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    q, k, v, do = (torch.randn(t, h, d, generator=g) for h in (hq, hkv, hkv, hq))
+    q, k, v, do = (x.to(DEV) for x in (q, k, v, do))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    layout = BlockLayout.build(cu, block)
+    return q, k, v, do, cu, layout, moba_route(q, k, layout, topk)
+
+
+def close(name, got, want):
+    torch.testing.assert_close(got.float(), want.float(), **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_routed_matches_reference(case):
+    q, k, v, do, _, layout, sel = make(*case)
+    pos = torch.arange(q.shape[0], device=DEV)
+    keys = RoutedKeys(block_rows=layout.block_starts, k_pos=pos)
+    scale = q.shape[-1] ** -0.5
+    out, lse = triton_moba.routed_fwd(q, k, v, pos, keys, sel, scale)
+    ref_out, ref_lse = reference_routed_fwd(q, k, v, pos, keys, sel, scale)
+    close("out", out, ref_out)
+    close("lse", lse, ref_lse)
+    got = triton_moba.routed_bwd(do, q, k, v, ref_out, ref_lse, pos, keys, sel, scale)
+    want = reference_routed_bwd(do, q, k, v, ref_out, ref_lse, pos, keys, sel, scale)
+    for name, a, b in zip(["dq", "dk", "dv"], got, want, strict=True):
+        close(name, a, b)
+
+
+def _subset_keys(layout: BlockLayout, blocks: list[int]) -> tuple[torch.Tensor, RoutedKeys]:
+    """Key rows of the given blocks only (as a CP rank holding part of the stream sees them)."""
+    starts = layout.block_starts.tolist()
+    rows = [r for j in blocks for r in range(starts[j], starts[j + 1])]
+    lengths = [starts[j + 1] - starts[j] if j in blocks else 0 for j in range(len(starts) - 1)]
+    block_rows = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEV)
+    idx = torch.tensor(rows, dtype=torch.int64, device=DEV)
+    return idx, RoutedKeys(block_rows=block_rows, k_pos=idx)
+
+
+def test_generic_key_subsets_merge_to_full():
+    # Two disjoint key sets (odd / even blocks) and every other query: each part matches the
+    # reference (queries without keys: out 0, lse -inf), the LSE merge of the parts equals the
+    # full attention, and backwards given the merged out/lse sum to the full gradients.
+    q, k, v, do, _, layout, sel = make([70, 33], 8, 4, 2, 64, 3, seed=4)
+    qi = torch.arange(0, q.shape[0], 2, device=DEV)
+    q, do, sel, scale = q[qi], do[qi], sel[qi], 64**-0.5
+    parts = []
+    for blocks in ([j for j in range(layout.num_blocks) if j % 2], range(0, layout.num_blocks, 2)):
+        idx, keys = _subset_keys(layout, list(blocks))
+        out, lse = triton_moba.routed_fwd(q, k[idx], v[idx], qi, keys, sel, scale)
+        ref_out, ref_lse = reference_routed_fwd(q, k[idx], v[idx], qi, keys, sel, scale)
+        close("part out", out, ref_out)
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and torch.isinf(lse).any()
+        close("part lse", lse.nan_to_num(neginf=0), ref_lse.nan_to_num(neginf=0))
+        parts.append((idx, keys, out, lse))
+    lse = torch.logaddexp(parts[0][3], parts[1][3])
+    out = sum(p[2] * torch.exp(p[3] - lse).t()[..., None] for p in parts)
+    full_keys = RoutedKeys(layout.block_starts, torch.arange(k.shape[0], device=DEV))
+    ref_out, ref_lse = reference_routed_fwd(q, k, v, qi, full_keys, sel, scale)
+    close("merged out", out, ref_out)
+    close("merged lse", lse, ref_lse)
+    want = reference_routed_bwd(do, q, k, v, ref_out, ref_lse, qi, full_keys, sel, scale)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for idx, keys, _, _ in parts:
+        pdq, pdk, pdv = triton_moba.routed_bwd(
+            do, q, k[idx], v[idx], ref_out, ref_lse, qi, keys, sel, scale
+        )
+        dq += pdq
+        dk[idx] += pdk
+        dv[idx] += pdv
+    for name, a, b in zip(["dq", "dk", "dv"], [dq, dk, dv], want, strict=True):
+        close(name, a, b)
+
+
+def test_query_without_keys_gets_zero_and_neg_inf():
+    q, k, v, do, _, layout, sel = make([40], 8, 2, 2, 64, 2)
+    idx, keys = _subset_keys(layout, [])  # empty key set
+    out, lse = triton_moba.routed_fwd(
+        q, k[idx], v[idx], torch.arange(40, device=DEV), keys, sel, 0.125
+    )
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+    dq, dk, dv = triton_moba.routed_bwd(do, q, k[idx], v[idx], out, lse, idx, keys, sel, 0.125)
+    assert not dq.any() and dk.numel() == 0 and dv.numel() == 0
+
+
+@pytest.mark.parametrize("case", ["ragged-packed-B16-top3", "gqa4to1-top2"])
+def test_public_op_triton_equals_reference(case):
+    lens, block, hq, hkv, d, topk = CASES[case]
+    q, k, v, do, cu, _, _ = make(lens, block, hq, hkv, d, topk, seed=2)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = moba_attn_varlen(
+            *leaves, cu, max(lens), moba_chunk_size=block, moba_topk=topk, return_lse=True,
+            backend=backend,
+        )  # fmt: skip
+        out.backward(do)
+        results.append([out, lse, *(x.grad for x in leaves)])
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], *results, strict=True):
+        close(name, a, b)
+
+
+def test_bitwise_repeatable():
+    q, k, v, do, _, layout, sel = make([60], 8, 4, 2, 64, 3, seed=6)
+    pos = torch.arange(60, device=DEV)
+    keys = RoutedKeys(layout.block_starts, pos)
+    runs = []
+    for _ in range(2):
+        out, lse = triton_moba.routed_fwd(q, k, v, pos, keys, sel, 0.125)
+        runs.append(
+            [out, lse, *triton_moba.routed_bwd(do, q, k, v, out, lse, pos, keys, sel, 0.125)]
+        )
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+GATE_CASES = {"packed-B8-top3": ([37, 70, 5], 8, 3), "top1": ([30], 8, 1), "top-ge": ([50], 4, 20)}
+
+
+@pytest.mark.parametrize("case", GATE_CASES.values(), ids=GATE_CASES.keys())
+def test_triton_gate_matches_torch_gate(case):
+    lens, block, topk = case
+    q, k, *_, layout, _ = make(lens, block, 4, 2, 32, topk, seed=8)
+    c, tok = block_centroids(k, layout), layout.token_block
+    args = (q, c, tok, layout.block_seq_first[tok], topk)
+    # Random float32 data: near-ties within a few ulps are astronomically unlikely at this size.
+    assert torch.equal(select_blocks_triton(*args), select_blocks(*args))
+
+
+def test_triton_gate_exact_ties_to_lower_block():
+    # Identical blocks: every past block ties exactly, so the lowest ids must win, in order.
+    k = torch.randn(4, 1, 16).repeat(6, 1, 1).to(DEV)
+    q = torch.randn(24, 1, 16, device=DEV)
+    layout = BlockLayout.build(torch.tensor([0, 24], dtype=torch.int32, device=DEV), 4)
+    tok = layout.token_block
+    sel = select_blocks_triton(q, block_centroids(k, layout), tok, layout.block_seq_first[tok], 3)
+    assert sel[23, 0].tolist() == [5, 0, 1] and sel[5, 0].tolist() == [1, 0, -1]
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="checks the interpreter's CPU rules")
+def test_unavailable_reason():
+    assert triton_moba.unavailable_reason(torch.zeros(2, 1, 64, dtype=torch.float32)) is None
+    assert "float32" in triton_moba.unavailable_reason(torch.zeros(2, 1, 64, dtype=torch.bfloat16))
+    assert "head_dim" in triton_moba.unavailable_reason(torch.zeros(2, 1, 48))
