@@ -5,6 +5,8 @@ Each message names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 __all__ = ["check_attention_inputs", "check_cu_seqlens", "check_max_seqlen"]
@@ -33,7 +35,9 @@ def check_attention_inputs(
     k = _check_tensor("k", k, ndim, layout)
     v = _check_tensor("v", v, ndim, layout)
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[:-2] != k.shape[:-2]:
         dims = layout[1:-1].rsplit(",", 2)[0]
         raise ValueError(
@@ -43,7 +47,9 @@ def check_attention_inputs(
         raise ValueError(f"head_dim of q ({q.shape[-1]}) and k/v ({k.shape[-1]}) must match")
     hq, hkv = q.shape[-2], k.shape[-2]
     if hq == 0 or hkv == 0 or q.shape[-1] == 0:
-        raise ValueError(f"heads and head_dim must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(
+            f"heads and head_dim must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if hq % hkv != 0:
         raise ValueError(
             f"query heads must be a multiple of KV heads (GQA), got Hq={hq}, Hkv={hkv}"
@@ -53,9 +59,7 @@ def check_attention_inputs(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(
-            f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
-        )
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     return q, k, v
 
 
@@ -82,16 +86,19 @@ def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device) -> li
         )
     if cu[-1] != total:
         raise ValueError(
-            f"cu_seqlens must end at the number of tokens T = {total}, got cu_seqlens[-1] = {cu[-1]}"
+            f"cu_seqlens must end at the number of tokens T = {total}, "
+            f"got cu_seqlens[-1] = {cu[-1]}"
         )
     return cu
 
 
 def check_max_seqlen(max_seqlen: object, cu: list[int]) -> int:
     """``max_seqlen`` must be an int >= the longest sequence of ``cu``."""
-    longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+    longest = max(b - a for a, b in itertools.pairwise(cu))
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__} {max_seqlen!r}")
+        raise TypeError(
+            f"max_seqlen must be an int, got {type(max_seqlen).__name__} {max_seqlen!r}"
+        )
     if max_seqlen < longest:
         raise ValueError(
             f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}"

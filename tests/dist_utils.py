@@ -59,4 +59,6 @@ def run_world(world: int, fn, *args, timeout: float = 300.0) -> None:
         if errors or hung or any(p.exitcode != 0 for p in procs):
             detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors))
             codes = [p.exitcode for p in procs]
-            raise AssertionError(f"distributed run failed: exit codes {codes}, hung {hung}\n{detail}")
+            raise AssertionError(
+                f"distributed run failed: exit codes {codes}, hung {hung}\n{detail}"
+            )

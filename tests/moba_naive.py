@@ -6,6 +6,7 @@ without gradient). Slow on purpose: only for the small shapes of the tests.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -45,10 +46,12 @@ def naive_moba(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
     outs, lses = [], []
-    for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
+    for s, e in itertools.pairwise(cu_seqlens):
         qs, ks, vs = q[s:e].double(), k[s:e].double(), v[s:e].double()
         mask = naive_mask(qs, ks, block, topk)
-        kr = ks.repeat_interleave(group, dim=1)  # the oracle may repeat heads; the library never does
+        kr = ks.repeat_interleave(
+            group, dim=1
+        )  # the oracle may repeat heads; the library never does
         vr = vs.repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,shd->hts", qs, kr) * scale
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -34,7 +34,9 @@ def seq_lens(world: int, layout: str) -> list[int]:
 def make_global(lens, seed=0, hq=HQ, hkv=HKV):
     g = torch.Generator().manual_seed(seed)
     t = sum(lens)
-    q, k, v, dout = (torch.randn(t, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    q, k, v, dout = (
+        torch.randn(t, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq)
+    )
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     return q, k, v, dout, cu
 

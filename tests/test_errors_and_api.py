@@ -31,16 +31,26 @@ BAD = {
     "kv-shape": (dict(v=torch.randn(12, 2, 4)), ValueError, "k and v must have the same shape"),
     "T-mismatch": (dict(k=torch.randn(11, 2, 8), v=torch.randn(11, 2, 8)), ValueError, "agree"),
     "head-dim": (dict(k=torch.randn(12, 2, 4), v=torch.randn(12, 2, 4)), ValueError, "head_dim"),
-    "gqa-ratio": (dict(k=torch.randn(12, 3, 8), v=torch.randn(12, 3, 8)), ValueError, "Hq=4, Hkv=3"),
+    "gqa-ratio": (
+        dict(k=torch.randn(12, 3, 8), v=torch.randn(12, 3, 8)),
+        ValueError,
+        "Hq=4, Hkv=3",
+    ),
     "mixed-dtype": (dict(k=torch.randn(12, 2, 8).double()), TypeError, "share one dtype"),
     "int-dtype": (dict(q=torch.ones(12, 4, 8, dtype=torch.int64)), TypeError, "q must be float16"),
     "cu-dtype": (dict(cu=torch.tensor([0, 5, 12])), TypeError, "cu_seqlens must be int32"),
     "cu-2d": (dict(cu=torch.tensor([[0, 12]], dtype=torch.int32)), ValueError, "1-D"),
     "cu-start": (dict(cu=torch.tensor([1, 12], dtype=torch.int32)), ValueError, "start at 0"),
     "cu-order": (
-        dict(cu=torch.tensor([0, 6, 6, 12], dtype=torch.int32)), ValueError, "strictly increasing"
+        dict(cu=torch.tensor([0, 6, 6, 12], dtype=torch.int32)),
+        ValueError,
+        "strictly increasing",
     ),
-    "cu-end": (dict(cu=torch.tensor([0, 5, 11], dtype=torch.int32)), ValueError, "end at .* T = 12"),
+    "cu-end": (
+        dict(cu=torch.tensor([0, 5, 11], dtype=torch.int32)),
+        ValueError,
+        "end at .* T = 12",
+    ),
     "max-seqlen": (dict(max_seqlen=6), ValueError, r"max_seqlen must be >= the longest .*\(7\)"),
     "chunk-0": (dict(moba_chunk_size=0), ValueError, "moba_chunk_size must be >= 1, got 0"),
     "chunk-float": (dict(moba_chunk_size=4.0), TypeError, "moba_chunk_size must be an int"),
@@ -58,7 +68,7 @@ def test_bad_input_raises_clear_error(kwargs, exc, match):
 
 
 def test_mixed_devices_raise():
-    q, k, v, cu = good()
+    q, _, _, cu = good()
     meta = torch.empty(12, 2, 8, device="meta")
     with pytest.raises(ValueError, match="one device"):
         moba_attn_varlen(q, meta, meta, cu, 7, moba_chunk_size=4, moba_topk=2)

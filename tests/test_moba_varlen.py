@@ -86,7 +86,9 @@ def causal_sdpa(q, k, v, cu):
 @pytest.mark.parametrize("block", [1, 5, 16, 200], ids=lambda b: f"B{b}")
 def test_topk_ge_blocks_is_causal_attention(block):
     q, k, v, cu = make_inputs([9, 50, 31], 4, 2)
-    out = moba_attn_varlen(q, k, v, cu, 50, moba_chunk_size=block, moba_topk=50, backend="reference")
+    out = moba_attn_varlen(
+        q, k, v, cu, 50, moba_chunk_size=block, moba_topk=50, backend="reference"
+    )
     torch.testing.assert_close(out, causal_sdpa(q, k, v, cu), **TOL64)
 
 
@@ -137,7 +139,9 @@ def test_batched_form_equals_packed_form():
         q, k, v, moba_chunk_size=4, moba_topk=2, return_lse=True, backend="reference"
     )
     cu = torch.tensor([0, 19, 38, 57], dtype=torch.int32)
-    ref_out, ref_lse = naive_moba(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu.tolist(), 4, 2)
+    ref_out, ref_lse = naive_moba(
+        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu.tolist(), 4, 2
+    )
     assert out.shape == (3, 19, 4, 8) and lse.shape == (3, 4, 19)
     torch.testing.assert_close(out.flatten(0, 1), ref_out, **TOL64)
     torch.testing.assert_close(lse.double(), ref_lse.view(4, 3, 19).transpose(0, 1), **TOL32)

@@ -48,9 +48,7 @@ class BlockLayout:
         blocks_per_seq = (seqlens + block_size - 1) // block_size
         cu_blocks = torch.zeros(nseq + 1, dtype=torch.int64, device=cu.device)
         torch.cumsum(blocks_per_seq, 0, out=cu_blocks[1:])
-        seq_of_block = torch.repeat_interleave(
-            torch.arange(nseq, device=cu.device), blocks_per_seq
-        )
+        seq_of_block = torch.repeat_interleave(torch.arange(nseq, device=cu.device), blocks_per_seq)
         num_blocks = seq_of_block.numel()
         index_in_seq = torch.arange(num_blocks, device=cu.device) - cu_blocks[seq_of_block]
         starts = cu[seq_of_block] + index_in_seq * block_size

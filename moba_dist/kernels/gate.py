@@ -68,7 +68,7 @@ def select_blocks(
         ``_SCORE_BUDGET`` scores, whatever T is.
     """
     tq, hq, _ = q.shape
-    n_blocks, hkv, _ = centroids.shape
+    n_blocks = centroids.shape[0]
     sel = torch.full((tq, hq, topk), -1, dtype=torch.int32, device=q.device)
     sel[:, :, 0] = q_block.to(torch.int32).unsqueeze(1)
     if topk == 1 or tq == 0 or n_blocks == 0:

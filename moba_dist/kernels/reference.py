@@ -47,7 +47,7 @@ class _Groups:
 
 def group_selections(sel: torch.Tensor, num_blocks: int, hkv: int) -> _Groups:
     """Sort the valid entries of ``sel [Tq, Hq, K]`` by (block, KV head); one host sync."""
-    tq, hq, k = sel.shape
+    hq, k = sel.shape[1:]
     flat = sel.reshape(-1).to(torch.int64)
     idx = (flat >= 0).nonzero().squeeze(1)
     th = idx // k

@@ -56,9 +56,9 @@ def _prep_kernel(DO, OUT, LSE, LSE2, DELTA, TQ, HQ, n_rows, D: tl.constexpr, BLO
 
 
 @triton.jit
-def _load_entries(ENT, rows, rv, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D: tl.constexpr):
+def _load_entries(COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D: tl.constexpr):
     """Gather the query-side rows of entries ``rows``: q, dout, lse2, delta, position."""
-    ent = tl.load(ENT + rows, mask=rv, other=0)
+    ent = tl.load(COMP + rows, mask=rv, other=0) % NENT
     th = ent // KSEL
     dd = tl.arange(0, D)
     off = th[:, None] * D + dd[None, :]
@@ -79,8 +79,8 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, ENT, GOFF, NGROUP, NINDEX, DK, DV,
-    scale_log2, scale, HQ, HKV, KSEL,
+    Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, COMP, GOFF, NGROUP, NINDEX, DK, DV,
+    scale_log2, scale, HQ, HKV, KSEL, NENT,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -104,7 +104,7 @@ def _dkdv_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         rv = rows < s1
         _, q, do, lse2, delta, qpos = _load_entries(
-            ENT, rows, rv, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D
+            COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D
         )
         # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate as (keys x D) products.
         st = _dot(kt, tl.trans(q), IEEE) * scale_log2
@@ -120,8 +120,8 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, ENT, TGROUP, TSTART, TSTOP, TKEND, DQPART,
-    e0, scale_log2, scale, HQ, HKV, KSEL,
+    Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, COMP, TGROUP, TSTART, TSTOP, TKEND, DQPART,
+    e0, scale_log2, scale, HQ, HKV, KSEL, NENT,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -133,7 +133,7 @@ def _dq_kernel(
     rows = tl.load(TSTART + pid) + tl.arange(0, BLOCK_M)
     rv = rows < stop
     ent, q, do, lse2, delta, qpos = _load_entries(
-        ENT, rows, rv, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D
+        COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D
     )
     kvh = grp % HKV
     dd = tl.arange(0, D)
@@ -164,9 +164,9 @@ def _dkdv(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dk, dv
     bound = hkv * (tk // cfg.block_n + keys.block_rows.numel())
     group, index = tile_table(sizes, cfg.block_n, bound)
     _dkdv_kernel[(bound,)](
-        q, k, v, dout, lse2, delta, qpos, keys.k_pos, keys.block_rows, plan.ent,
+        q, k, v, dout, lse2, delta, qpos, keys.k_pos, keys.block_rows, plan.comp,
         plan.group_off, group.to(torch.int32), index, dk, dv, scale * _LOG2E, scale,
-        plan.hq, hkv, plan.topk, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        plan.hq, hkv, plan.topk, plan.num_entries, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -178,13 +178,13 @@ def _dq(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dq):
     topk = plan.topk
     for t0, t1 in token_chunks(tq, hq, topk, d):
         e0, e1 = t0 * hq * topk, t1 * hq * topk
-        tiles = chunk_tiles(plan, keys, e0, e1, cfg.block_m)
+        tiles = chunk_tiles(plan, qpos, keys, e0, e1, cfg.block_m)
         # Zeros: slots without a selection or without keys are never written.
         part = torch.zeros(e1 - e0, d, dtype=torch.float32, device=q.device)
         _dq_kernel[(tiles.group.numel(),)](
-            q, k, v, dout, lse2, delta, qpos, keys.k_pos, keys.block_rows, plan.ent,
+            q, k, v, dout, lse2, delta, qpos, keys.k_pos, keys.block_rows, plan.comp,
             tiles.group, tiles.start, tiles.stop, tiles.kend, part, e0, scale * _LOG2E, scale,
-            hq, plan.hkv, topk, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            hq, plan.hkv, topk, plan.num_entries, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         # A plain reduction over the slot axis: fixed order, deterministic on every device.

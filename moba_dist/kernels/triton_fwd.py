@@ -55,8 +55,8 @@ def tile_config(table: dict[int, TileConfig], q: torch.Tensor) -> TileConfig:
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QPOS, KPOS, BROWS, ENT, TGROUP, TSTART, TSTOP, TKEND, OPART, LPART,
-    e0, scale_log2, HQ, HKV, KSEL,
+    Q, K, V, QPOS, KPOS, BROWS, COMP, TGROUP, TSTART, TSTOP, TKEND, OPART, LPART,
+    e0, scale_log2, HQ, HKV, KSEL, NENT,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -68,7 +68,7 @@ def _fwd_kernel(
     kend = tl.load(TKEND + pid)
     rows = start + tl.arange(0, BLOCK_M)
     rvalid = rows < stop
-    ent = tl.load(ENT + rows, mask=rvalid, other=0)  # int64
+    ent = tl.load(COMP + rows, mask=rvalid, other=0) % NENT  # int64 entry id
     th = ent // KSEL  # flat t * Hq + h: the query row
     qpos = tl.load(QPOS + th // HQ, mask=rvalid, other=-1)
     dd = tl.arange(0, D)
@@ -162,12 +162,13 @@ def fwd_chunks(
     topk = plan.topk
     for t0, t1 in token_chunks(tq, hq, topk, d):
         e0, e1 = t0 * hq * topk, t1 * hq * topk
-        tiles = chunk_tiles(plan, RoutedKeys(brows, kpos), e0, e1, cfg.block_m)
+        tiles = chunk_tiles(plan, qpos, RoutedKeys(brows, kpos), e0, e1, cfg.block_m)
         opart = torch.empty(e1 - e0, d, dtype=torch.float32, device=q.device)
         lpart = torch.full((e1 - e0,), float("-inf"), dtype=torch.float32, device=q.device)
         _fwd_kernel[(tiles.group.numel(),)](
-            q, k, v, qpos, kpos, brows, plan.ent, tiles.group, tiles.start, tiles.stop,
+            q, k, v, qpos, kpos, brows, plan.comp, tiles.group, tiles.start, tiles.stop,
             tiles.kend, opart, lpart, e0, softmax_scale * _LOG2E, hq, plan.hkv, topk,
+            plan.num_entries,
             D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

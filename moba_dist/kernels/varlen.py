@@ -54,7 +54,7 @@ def _chunks(layout: BlockLayout, hq: int, topk: int, d: int) -> list[tuple[int, 
 
 def _gather(sel: torch.Tensor, t0: int, g: int, group: int, num_blocks: int) -> _Gather | None:
     """Past-block selections of tokens ``[t0, t0 + C)`` and query heads of KV head ``g``."""
-    c, hq, k = sel.shape
+    hq, k = sel.shape[1:]
     part = sel[:, g * group : (g + 1) * group, 1:].reshape(-1).to(torch.int64)
     idx = (part >= 0).nonzero().squeeze(1)
     if idx.numel() == 0:
@@ -126,7 +126,7 @@ def varlen_fwd(q, k, v, layout: BlockLayout, sel, softmax_scale: float):
 
 def varlen_bwd(dout, q, k, v, out, lse, layout: BlockLayout, sel, softmax_scale: float):
     """Gradients of :func:`varlen_fwd`: ``dq [T, Hq, D]``, ``dk, dv [T, Hkv, D]`` (q's dtype)."""
-    t_all, hq, d = q.shape
+    hq, d = q.shape[1:]
     hkv = k.shape[1]
     group, topk, bsz = hq // hkv, sel.shape[2], layout.block_size
     dq = torch.empty_like(q)

@@ -124,7 +124,9 @@ def _validate(q, k, v, cu_seqlens, world, cfg: dict, group) -> list[int]:
     q, k, v = check_attention_inputs(q, k, v, "[T_local, H, D]")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
         got = getattr(cu_seqlens, "dtype", type(cu_seqlens).__name__)
-        raise TypeError(f"cu_seqlens must be an int32 tensor (the global packed offsets), got {got}")
+        raise TypeError(
+            f"cu_seqlens must be an int32 tensor (the global packed offsets), got {got}"
+        )
     MoBAConfig(cfg["moba_chunk_size"], cfg["moba_topk"], cfg["softmax_scale"], cfg["backend"])
     if cfg["strategy"] not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg['strategy']!r}")

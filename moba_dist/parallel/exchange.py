@@ -26,7 +26,14 @@ from moba_dist.parallel.plan import (
     rows_for_rank,
 )
 
-__all__ = ["AUTO_ALLGATHER_FRACTION", "CPPlan", "Fetched", "make_plan", "return_grads", "start_fetch"]
+__all__ = [
+    "AUTO_ALLGATHER_FRACTION",
+    "CPPlan",
+    "Fetched",
+    "make_plan",
+    "return_grads",
+    "start_fetch",
+]
 
 #: ``strategy="auto"`` all-gathers K/V once some rank needs more than this share of the remote
 #: (row, head) pairs: past it, many small requests cost more than one bandwidth-optimal gather.
@@ -180,7 +187,9 @@ def return_grads(plan: CPPlan, dk_f, dv_f, dk, dv) -> int:
     ``dk, dv [T_local, Hkv, D]`` float32 accumulators. Returns bytes sent."""
     if plan.strategy == "allgather":
         return _return_allgather(plan, dk_f, dv_f, dk, dv)
-    send = torch.cat([dk_f[plan.recv_slot, plan.recv_head], dv_f[plan.recv_slot, plan.recv_head]], -1)
+    send = torch.cat(
+        [dk_f[plan.recv_slot, plan.recv_head], dv_f[plan.recv_slot, plan.recv_head]], -1
+    )
     got, _ = comm.all_to_all_rows(send, plan.recv_counts, plan.send_counts, plan.group)
     d = dk.shape[-1]
     offs = [0, *torch.tensor(plan.send_counts).cumsum(0).tolist()]
@@ -199,7 +208,9 @@ def _return_allgather(plan, dk_f, dv_f, dk, dv) -> int:
     tl = dk.shape[0]
     buf = dk.new_zeros(plan.world, tl, *dk.shape[1:-1], 2 * dk.shape[-1])
     buf[plan.own.owner[pos], plan.own.local_index[pos]] = torch.cat([dk_f, dv_f], -1)
-    got, _ = comm.all_to_all_rows(buf.flatten(0, 1), [tl] * plan.world, [tl] * plan.world, plan.group)
+    got, _ = comm.all_to_all_rows(
+        buf.flatten(0, 1), [tl] * plan.world, [tl] * plan.world, plan.group
+    )
     total = got.view(plan.world, tl, *dk.shape[1:-1], -1).sum(0)
     d = dk.shape[-1]
     dk += total[..., :d]

@@ -59,9 +59,7 @@ def fingerprint(
     ]  # fmt: skip
 
 
-def agree_or_raise(
-    validate: Callable[[], list[int]], group: dist.ProcessGroup, rank: int
-) -> None:
+def agree_or_raise(validate: Callable[[], list[int]], group: dist.ProcessGroup, rank: int) -> None:
     """Run ``validate`` (returns this rank's fingerprint or raises), exchange, compare."""
     error: Exception | None = None
     try:

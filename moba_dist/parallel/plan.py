@@ -63,7 +63,7 @@ def needed_requests(
 ) -> torch.Tensor:
     """Unique (block, kv head, maxpos) triples ``[n, 3]`` int64 that the routing ``sel [Tq, Hq,
     K]`` touches, sorted by (block, head); maxpos = last query position that selected it."""
-    tq, hq, k = sel.shape
+    hq, k = sel.shape[1:]
     flat = sel.reshape(-1).to(torch.int64)
     idx = (flat >= 0).nonzero().squeeze(1)
     t = idx // (hq * k)
