@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=3, help="moba_topk")
     p.add_argument("--layout", choices=("contiguous", "zigzag"), default="zigzag")
     p.add_argument("--strategy", choices=("auto", "selective", "allgather"), default="auto")
+    p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
     return p.parse_args()
 
 
@@ -59,7 +60,9 @@ def main() -> None:
     cu = torch.tensor([0, args.tokens], dtype=torch.int32, device=device)
     sh = dict(rank=rank, world_size=world, layout=args.layout)
     local = [shard(x, cu, **sh).clone().requires_grad_() for x in (q, k, v)]
-    attn = MoBAContextParallel(args.block, args.topk, layout=args.layout, strategy=args.strategy)
+    attn = MoBAContextParallel(
+        args.block, args.topk, layout=args.layout, strategy=args.strategy, backend=args.backend
+    )
 
     start = time.perf_counter()
     out = attn(*local, cu)
@@ -69,7 +72,9 @@ def main() -> None:
     elapsed = time.perf_counter() - start
 
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = moba_attn_varlen(*full, cu, args.tokens, moba_chunk_size=args.block, moba_topk=args.topk)
+    ref = moba_attn_varlen(
+        *full, cu, args.tokens, moba_chunk_size=args.block, moba_topk=args.topk, backend="reference"
+    )
     ref.backward(dout)
     errs = [
         (shard(b.float(), cu, **sh) - a.float()).norm().item()
