@@ -3,8 +3,8 @@
 Retrieval: filler tokens with ``pairs`` key-value facts scattered through the body of each
 sequence, each fact one token ``PAIR(k, v)``, and ``queries`` questions at the end, each
 ``QUERY, ASK(k), ANSWER(v)``. The loss and accuracy are on predicting ``ANSWER(v)`` from the
-position of ``ASK(k)``: the question must attend to the block holding ``PAIR(k, v)``, far back in the
-context, so the gate has to route there. Chance accuracy is ``1 / NUM_VALUES``.
+position of ``ASK(k)``: the question must attend to the block holding ``PAIR(k, v)``, far back
+in the context, so the gate has to route there. Chance accuracy is ``1 / NUM_VALUES``.
 """
 
 from __future__ import annotations
