@@ -53,7 +53,9 @@ class MoBAVarlenFunction(torch.autograd.Function):
         else:
             pos = torch.arange(q.shape[0], device=q.device)
             keys = RoutedKeys(block_rows=ctx.layout.block_starts, k_pos=pos)
-            dq, dk, dv = routed_bwd(ctx.backend, dout, q, k, v, out, lse, pos, keys, sel, ctx.scale)
+            dq, dk, dv = routed_bwd(
+                ctx.backend, dout, q, k, v, out, lse, pos, keys, sel, ctx.scale, grad_dtype=q.dtype
+            )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

@@ -102,9 +102,16 @@ def routed_bwd(
     keys: RoutedKeys,
     sel: torch.Tensor,
     softmax_scale: float,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routed attention backward over this key set given the final ``out`` and ``lse``:
-    float32 (float64 for float64 inputs) ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]``."""
+    ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in float32 (float64 for float64 inputs) unless
+    ``grad_dtype`` asks for another dtype (the single-device op asks for q's dtype: at 1M tokens
+    float32 gradients and their casts cost 18 GiB). CP callers keep float32 to add partials."""
     if backend == "triton":
-        return _triton_module().routed_bwd(dout, q, k, v, out, lse, q_pos, keys, sel, softmax_scale)
-    return reference_routed_bwd(dout, q, k, v, out, lse, q_pos, keys, sel, softmax_scale)
+        return _triton_module().routed_bwd(
+            dout, q, k, v, out, lse, q_pos, keys, sel, softmax_scale,
+            grad_dtype=grad_dtype or torch.float32,
+        )  # fmt: skip
+    grads = reference_routed_bwd(dout, q, k, v, out, lse, q_pos, keys, sel, softmax_scale)
+    return grads if grad_dtype is None else tuple(g.to(grad_dtype) for g in grads)

@@ -7,8 +7,10 @@ bitwise repeatable:
 
 - ``_prep_kernel``: per query row (t * Hq + h), ``delta`` and ``lse`` in base 2 (+inf for
   key-less rows, which makes every probability exactly 0).
-- ``_dkdv_kernel``: one program per (group, BLOCK_N key rows): loops over all entries of the
-  group. A key row (with its KV head) belongs to exactly one group, so it is written once.
+- ``_dkdv_kernel``: one program per (group, BLOCK_N key rows): loops over the group's entries,
+  whose q / dout rows are first gathered into contiguous slab buffers (an indirect load in the
+  inner loop is not software-pipelined: measured 4x slower than the direct-load kernels). A key
+  row (with its KV head) belongs to exactly one group, so one program per launch writes it.
 - ``_dq_kernel``: one program per entry tile (the forward's tiles), streaming the block's keys;
   writes a per-entry partial dQ, summed over the K slots of each (t, h) afterwards.
 """
@@ -29,6 +31,8 @@ __all__ = ["DKDV_CONFIG", "DQ_CONFIG", "bwd_all"]
 
 _LOG2E = 1.4426950408889634
 _PREP_ROWS = 32
+# Gathered q + dout elements of one dK/dV slab (512 MiB in bf16).
+_SLAB_ELEMS = 1 << 28
 
 # Hopper defaults per head dim; benchmarks may overwrite.
 DKDV_CONFIG: dict[int, TileConfig] = {
@@ -37,7 +41,7 @@ DKDV_CONFIG: dict[int, TileConfig] = {
 }
 DQ_CONFIG: dict[int, TileConfig] = {
     64: TileConfig(64, 64, 4, 2),
-    128: TileConfig(64, 64, 4, 2),
+    128: TileConfig(64, 32, 4, 3),
 }
 
 
@@ -79,9 +83,10 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, COMP, GOFF, NGROUP, NINDEX, DK, DV,
-    scale_log2, scale, HQ, HKV, KSEL, NENT,
+    QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GLO, GHI, NGROUP, NINDEX, DK, DV,
+    b0, scale_log2, scale, HKV,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ACCUM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     grp = tl.load(NGROUP + pid)
@@ -99,13 +104,17 @@ def _dkdv_kernel(
     vt = tl.load(V + koff, mask=cvalid[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    s1 = tl.load(GOFF + grp + 1)
-    for m0 in range(tl.load(GOFF + grp), s1, BLOCK_M):
+    # The slab holds this group's entries [GLO, GHI) gathered contiguously (slab-local rows):
+    # direct addresses in the inner loop let the compiler pipeline its loads.
+    s1 = tl.load(GHI + grp) - b0
+    for m0 in range(tl.load(GLO + grp) - b0, s1, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rv = rows < s1
-        _, q, do, lse2, delta, qpos = _load_entries(
-            COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D
-        )
+        q = tl.load(QS + rows[:, None] * D + dd[None, :], mask=rv[:, None], other=0.0)
+        do = tl.load(DOS + rows[:, None] * D + dd[None, :], mask=rv[:, None], other=0.0)
+        lse2 = tl.load(LSE2S + rows, mask=rv, other=float("inf"))
+        delta = tl.load(DELTAS + rows, mask=rv, other=0.0)
+        qpos = tl.load(QPOSS + rows, mask=rv, other=-1)
         # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate as (keys x D) products.
         st = _dot(kt, tl.trans(q), IEEE) * scale_log2
         ok = cvalid[:, None] & rv[None, :] & (kpos[:, None] <= qpos[None, :])
@@ -114,7 +123,11 @@ def _dkdv_kernel(
         dpt = _dot(vt, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst, q, IEEE)
-    tl.store(DK + koff, (dk * scale).to(DK.dtype.element_ty), mask=cvalid[:, None])
+    dk = dk * scale
+    if ACCUM:  # later slabs add to earlier ones, in launch order: deterministic
+        dk += tl.load(DK + koff, mask=cvalid[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(DV + koff, mask=cvalid[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=cvalid[:, None])
     tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=cvalid[:, None])
 
 
@@ -155,20 +168,38 @@ def _dq_kernel(
 
 
 def _dkdv(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dk, dv):
-    """Launch the dK/dV kernel over every (group, key tile); writes ``dk``, ``dv`` in place."""
+    """dK/dV over entry slabs: each slab's query rows are gathered into contiguous buffers first,
+    then one launch covers every (group, key tile) with entries in the slab. Writes ``dk``,
+    ``dv`` in place (accumulated in float32 across slabs when there are several)."""
     tk, hkv, d = k.shape
     cfg = tile_config(DKDV_CONFIG, q)
-    counts = plan.group_off[1:] - plan.group_off[:-1]
+    n_valid = int(plan.group_off[-1])  # the one host sync of the backward
+    slab = max(cfg.block_m, _SLAB_ELEMS // (2 * d))
+    multi = n_valid > slab
+    acc_k = (
+        dk if not multi or dk.dtype == torch.float32 else torch.zeros_like(dk, dtype=torch.float32)
+    )
+    acc_v = (
+        dv if not multi or dv.dtype == torch.float32 else torch.zeros_like(dv, dtype=torch.float32)
+    )
     blk_len = (keys.block_rows[1:] - keys.block_rows[:-1]).repeat_interleave(hkv)
-    sizes = torch.where(counts > 0, blk_len, 0)
     bound = hkv * (tk // cfg.block_n + keys.block_rows.numel())
-    group, index = tile_table(sizes, cfg.block_n, bound)
-    _dkdv_kernel[(bound,)](
-        q, k, v, dout, lse2, delta, qpos, keys.k_pos, keys.block_rows, plan.comp,
-        plan.group_off, group.to(torch.int32), index, dk, dv, scale * _LOG2E, scale,
-        plan.hq, hkv, plan.topk, plan.num_entries, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    for b0 in range(0, n_valid, slab):
+        b1 = min(n_valid, b0 + slab)
+        th = plan.comp[b0:b1] % plan.num_entries // plan.topk
+        glo = plan.group_off[:-1].clamp(b0, b1)
+        ghi = plan.group_off[1:].clamp(b0, b1)
+        group, index = tile_table(torch.where(ghi > glo, blk_len, 0), cfg.block_n, bound)
+        _dkdv_kernel[(bound,)](
+            q.view(-1, d)[th], k, v, dout.view(-1, d)[th], lse2[th], delta[th],
+            qpos[th // plan.hq], keys.k_pos, keys.block_rows, glo, ghi, group.to(torch.int32),
+            index, acc_k, acc_v, b0, scale * _LOG2E, scale, hkv, D=d, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32, ACCUM=multi,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    if acc_k is not dk:
+        dk.copy_(acc_k)
+        dv.copy_(acc_v)
 
 
 def _dq(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dq):

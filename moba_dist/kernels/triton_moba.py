@@ -54,42 +54,49 @@ def unavailable_reason(q: torch.Tensor) -> str | None:
 
 @dataclass(frozen=True)
 class EntryPlan:
-    """Valid selections sorted by (group, entry).
+    """Valid selections sorted by (group, entry), G = N * Hkv groups.
 
-    ``ent [E]`` int64: sorted entry ids, invalid (-1) slots last. ``group_off [G + 1]`` int64:
-    entries of group g are ``ent[group_off[g]:group_off[g + 1]]`` (G = N * Hkv).
-    ``ent_pos [E]`` int64: query position of each sorted entry (for causal tile bounds).
-    ``comp [E]`` int64: the sorted keys ``group * E + e`` (range searches per token chunk).
+    ``comp [E]`` int64: sorted keys ``group * E + e`` (E = Tq * Hq * K entries; invalid slots
+    carry the sentinel group G and sort last). Kernels recover ``e = comp % E``; range searches
+    per token chunk run on ``comp`` directly, so no second ``[E]`` array is kept (768 MB at 1M
+    tokens x 8 heads x K = 12). ``group_off [G + 1]`` int64: group g is
+    ``comp[group_off[g]:group_off[g + 1]]``.
     """
 
-    ent: torch.Tensor
     comp: torch.Tensor
     group_off: torch.Tensor
-    ent_pos: torch.Tensor
     num_groups: int
     topk: int
     hq: int
     hkv: int
 
+    @property
+    def num_entries(self) -> int:
+        return self.comp.numel()
 
-def plan_entries(sel: torch.Tensor, q_pos: torch.Tensor, num_blocks: int, hkv: int) -> EntryPlan:
+
+def plan_entries(sel: torch.Tensor, num_blocks: int, hkv: int) -> EntryPlan:
     """Sort the entries of ``sel [Tq, Hq, K]`` by (block, KV head), then by entry id."""
     tq, hq, topk = sel.shape
     n_ent = tq * hq * topk
     groups = num_blocks * hkv
-    flat = sel.reshape(-1).to(torch.int64)
-    e = torch.arange(n_ent, device=sel.device)
-    kv_head = (e // topk % hq) // (hq // hkv)
-    # Invalid slots go to the sentinel group G, which sorts after every real group.
-    g = torch.where(flat >= 0, flat * hkv + kv_head, groups)
-    # One composite key (group, entry) makes the sort order unique, so any sort is stable.
-    comp = torch.sort(g * n_ent + e).values
-    ent = comp % n_ent
-    counts = torch.bincount(g, minlength=groups + 1)[:groups]
+    # In-place steps keep the transient memory at a few [E] int64 arrays.
+    key = torch.arange(n_ent, device=sel.device)
+    key //= topk
+    key %= hq
+    key //= hq // hkv  # KV head of every entry
+    flat = sel.reshape(-1)
+    key += flat.to(torch.int64) * hkv
+    key.masked_fill_(flat < 0, groups)  # invalid slots: sentinel group G, sorted last
+    counts = torch.bincount(key, minlength=groups + 1)[:groups]
+    key *= n_ent
+    key += torch.arange(n_ent, device=sel.device)
+    # The composite (group, entry) key is unique, so the unstable sort is deterministic.
+    comp = torch.sort(key).values
+    del key
     group_off = torch.zeros(groups + 1, dtype=torch.int64, device=sel.device)
     torch.cumsum(counts, 0, out=group_off[1:])
-    ent_pos = q_pos.to(torch.int64)[ent // (hq * topk)]
-    return EntryPlan(ent, comp, group_off, ent_pos, groups, topk, hq, hkv)
+    return EntryPlan(comp, group_off, groups, topk, hq, hkv)
 
 
 def tile_table(sizes: torch.Tensor, tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +119,7 @@ def tile_table(sizes: torch.Tensor, tile: int, bound: int) -> tuple[torch.Tensor
 
 @dataclass(frozen=True)
 class QueryTiles:
-    """Entry tiles of one token chunk: ``start/stop`` index ``plan.ent``; ``kend`` is the key row
+    """Entry tiles of one token chunk: ``start/stop`` index ``plan.comp``; ``kend`` is the key row
     after which no query of the tile sees a key (the own block's causal bound)."""
 
     group: torch.Tensor
@@ -121,11 +128,13 @@ class QueryTiles:
     kend: torch.Tensor
 
 
-def chunk_tiles(plan: EntryPlan, keys: RoutedKeys, e0: int, e1: int, block_m: int) -> QueryTiles:
+def chunk_tiles(
+    plan: EntryPlan, q_pos: torch.Tensor, keys: RoutedKeys, e0: int, e1: int, block_m: int
+) -> QueryTiles:
     """Tiles over the entries in ``[e0, e1)`` of every group: a contiguous range of each group,
     because entries are sorted by e inside a group."""
-    n_ent = plan.ent.numel()
-    gid = torch.arange(plan.num_groups, device=plan.ent.device)
+    n_ent = plan.num_entries
+    gid = torch.arange(plan.num_groups, device=plan.comp.device)
     lo = torch.searchsorted(plan.comp, gid * n_ent + e0)
     hi = torch.searchsorted(plan.comp, gid * n_ent + e1)
     bound = (e1 - e0) // block_m + plan.num_groups
@@ -133,16 +142,16 @@ def chunk_tiles(plan: EntryPlan, keys: RoutedKeys, e0: int, e1: int, block_m: in
     gs = group.clamp_min(0)
     start = lo[gs] + index * block_m
     stop = torch.minimum(start + block_m, hi[gs])
-    kend = _causal_kend(plan, keys, gs, start, stop, block_m)
+    kend = _causal_kend(plan, q_pos, keys, gs, start, stop, block_m)
     return QueryTiles(group.to(torch.int32), start, stop, kend)
 
 
-def _causal_kend(plan, keys: RoutedKeys, group, start, stop, block_m: int) -> torch.Tensor:
+def _causal_kend(plan, q_pos, keys: RoutedKeys, group, start, stop, block_m: int) -> torch.Tensor:
     """Per tile: the end of the key rows any of its queries can see (<= the block's end)."""
-    rows = (start[:, None] + torch.arange(block_m, device=start.device)).clamp_max(
-        plan.ent.numel() - 1
-    )
-    pos = torch.where(rows < stop[:, None], plan.ent_pos[rows], -1).amax(1)
+    n_ent = plan.num_entries
+    rows = (start[:, None] + torch.arange(block_m, device=start.device)).clamp_max(n_ent - 1)
+    tok = plan.comp[rows] % n_ent // (plan.hq * plan.topk)
+    pos = torch.where(rows < stop[:, None], q_pos[tok], -1).amax(1)
     blk = group // plan.hkv
     seen = torch.searchsorted(keys.k_pos, pos, right=True)
     return torch.minimum(seen, keys.block_rows[blk + 1]).clamp_min(keys.block_rows[blk])
@@ -168,7 +177,7 @@ def routed_fwd(
     from moba_dist.kernels.triton_fwd import fwd_chunks
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = plan_entries(sel, q_pos, keys.block_rows.numel() - 1, k.shape[1])
+    plan = plan_entries(sel, keys.block_rows.numel() - 1, k.shape[1])
     return fwd_chunks(q, k, v, q_pos, keys, plan, softmax_scale)
 
 
@@ -193,5 +202,5 @@ def routed_bwd(
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout, out = dout.contiguous(), out.contiguous()
-    plan = plan_entries(sel, q_pos, keys.block_rows.numel() - 1, k.shape[1])
+    plan = plan_entries(sel, keys.block_rows.numel() - 1, k.shape[1])
     return bwd_all(dout, q, k, v, out, lse, q_pos, keys, plan, softmax_scale, grad_dtype)
