@@ -1,24 +1,24 @@
-"""Data for train_cp.py: a long-context key-value retrieval task made on the fly, or a text file.
+"""Data for train_cp.py: a long-context retrieval task made on the fly, or a text file.
 
-Retrieval: filler tokens with ``pairs`` key-value facts scattered through the body of each
-sequence, each fact one token ``PAIR(k, v)``, and ``queries`` questions at the end, each
-``QUERY, ASK(k), ANSWER(v)``. The loss and accuracy are on predicting ``ANSWER(v)`` from the
-position of ``ASK(k)``: the question must attend to the block holding ``PAIR(k, v)``, far back
-in the context, so the gate has to route there. Chance accuracy is ``1 / NUM_VALUES``.
+Retrieval: filler tokens with ``pairs`` facts scattered through the body of each sequence, fact
+``c`` being one token ``VALUE(c, v)`` (class c, value v), and ``queries`` questions at the end,
+each ``QUERY(c), VALUE(c, v)``. Loss and accuracy are on predicting ``VALUE(c, v)`` from the
+position of ``QUERY(c)``: the question must attend to the block holding its fact, far back in the
+context, so the gate has to route there. One attention layer can solve it (match the class,
+copy the value), so small models learn it in a few hundred steps. Chance accuracy is
+``1 / NUM_VALUES``.
 """
 
 from __future__ import annotations
 
 import torch
 
-QUERY = 1
 FILLER = (8, 64)
-NUM_KEYS, NUM_VALUES = 32, 16
-ASK = 64  # ASK(k) = ASK + k
-PAIR = ASK + NUM_KEYS  # PAIR(k, v) = PAIR + k * NUM_VALUES + v
-ANSWER = PAIR + NUM_KEYS * NUM_VALUES  # ANSWER(v) = ANSWER + v
-VOCAB = ANSWER + NUM_VALUES
-VALUES = (ANSWER, ANSWER + NUM_VALUES)
+NUM_CLASSES, NUM_VALUES = 8, 8
+QUERY = 64  # QUERY(c) = QUERY + c
+VALUE = QUERY + NUM_CLASSES  # VALUE(c, v) = VALUE + c * NUM_VALUES + v
+VOCAB = 256  # also the byte vocabulary of --data
+VALUES = (0, NUM_VALUES)  # chance = 1 / (VALUES[1] - VALUES[0])
 
 
 def kv_batch(
@@ -26,24 +26,24 @@ def kv_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``tokens [batch, seq_len]`` int64 and ``target_mask [batch, seq_len]`` (True where the
     next token is an answer to be predicted)."""
-    if pairs > NUM_KEYS or queries > pairs or pairs + 3 * queries > seq_len // 2:
+    if not 1 <= queries <= pairs <= NUM_CLASSES or pairs + 2 * queries > seq_len // 2:
         raise ValueError(
-            f"need queries <= pairs <= {NUM_KEYS} and room in seq_len: got pairs={pairs}, "
+            f"need 1 <= queries <= pairs <= {NUM_CLASSES} and room in seq_len: got pairs={pairs}, "
             f"queries={queries}, seq_len={seq_len}"
         )
     tokens = torch.randint(*FILLER, (batch, seq_len), generator=gen)
     mask = torch.zeros(batch, seq_len, dtype=torch.bool)
-    body = seq_len - 3 * queries
+    body = seq_len - 2 * queries
     for b in range(batch):
-        keys = torch.randperm(NUM_KEYS, generator=gen)[:pairs]
-        vals = torch.randint(0, NUM_VALUES, (pairs,), generator=gen)
-        slots = torch.randperm(body, generator=gen)[:pairs]
-        tokens[b, slots] = PAIR + keys * NUM_VALUES + vals
+        classes = torch.randperm(NUM_CLASSES, generator=gen)[:pairs]
+        facts = VALUE + classes * NUM_VALUES + torch.randint(0, NUM_VALUES, (pairs,), generator=gen)
+        tokens[b, torch.randperm(body, generator=gen)[:pairs]] = facts
         asked = torch.randperm(pairs, generator=gen)[:queries]
         for i, a in enumerate(asked.tolist()):
-            s = body + 3 * i
-            tokens[b, s : s + 3] = torch.tensor([QUERY, ASK + keys[a], ANSWER + vals[a]])
-            mask[b, s + 1] = True
+            s = body + 2 * i
+            tokens[b, s] = QUERY + classes[a]
+            tokens[b, s + 1] = facts[a]
+            mask[b, s] = True
     return tokens, mask
 
 

@@ -191,5 +191,6 @@ def dump_routing(model, args, d: Dist, out_dir: str, batch, local_inputs) -> Non
         layout = BlockLayout.build(cu, args.block)
         sels.append(moba_route(full[0], full[1], layout, args.topk).cpu())
     if d.rank == 0:
-        blob = {"cu_seqlens": cu.cpu(), "block": args.block, "topk": args.topk, "sel": sels}
+        blob = {"cu_seqlens": cu.cpu(), "block": args.block, "topk": args.topk, "sel": sels,
+                "kv_heads": args.kv_heads}  # fmt: skip
         torch.save(blob, os.path.join(out_dir, "routing.pt"))
