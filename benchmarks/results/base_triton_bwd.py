@@ -1,0 +1,256 @@
+"""Triton backward of routed attention, given the final (merged) ``out`` and ``lse``.
+
+Probabilities are ``exp(s - lse)`` with the caller's lse and ``delta = rowsum(dout * out)`` with
+the caller's out, so the gradients of one key set are exact shares of the full gradient when the
+forward spanned several key sets (the CP op). Three kernels, none with atomics, so results are
+bitwise repeatable:
+
+- ``_prep_kernel``: per query row (t * Hq + h), ``delta`` and ``lse`` in base 2 (+inf for
+  key-less rows, which makes every probability exactly 0).
+- ``_dkdv_kernel``: one program per (group, BLOCK_N key rows): loops over the group's entries,
+  whose q / dout rows are first gathered into contiguous slab buffers (an indirect load in the
+  inner loop is not software-pipelined: measured 4x slower than the direct-load kernels). A key
+  row (with its KV head) belongs to exactly one group, so one program per launch writes it.
+- ``_dq_kernel``: one program per entry tile (the forward's tiles), streaming the block's keys;
+  writes a per-entry partial dQ, summed over the K slots of each (t, h) afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from moba_dist.kernels.reference import RoutedKeys
+from moba_dist.kernels.triton_fwd import TileConfig, tile_config
+from moba_dist.kernels.triton_moba import EntryPlan, chunk_tiles, tile_table, token_chunks
+
+__all__ = ["DKDV_CONFIG", "DQ_CONFIG", "bwd_all"]
+
+_LOG2E = 1.4426950408889634
+_PREP_ROWS = 32
+# Gathered q + dout elements of one dK/dV slab (512 MiB in bf16).
+_SLAB_ELEMS = 1 << 28
+
+# Hopper defaults per head dim; benchmarks may overwrite.
+DKDV_CONFIG: dict[int, TileConfig] = {
+    64: TileConfig(64, 64, 4, 2),
+    128: TileConfig(64, 64, 4, 2),
+}
+DQ_CONFIG: dict[int, TileConfig] = {
+    64: TileConfig(64, 64, 4, 2),
+    128: TileConfig(64, 32, 4, 3),
+}
+
+
+@triton.jit
+def _prep_kernel(DO, OUT, LSE, LSE2, DELTA, TQ, HQ, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rv = r < n_rows
+    dd = tl.arange(0, D)
+    off = r[:, None] * D + dd[None, :]
+    do = tl.load(DO + off, mask=rv[:, None], other=0.0).to(tl.float32)
+    o = tl.load(OUT + off, mask=rv[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(do * o, 1), mask=rv)
+    lse = tl.load(LSE + (r % HQ) * TQ + r // HQ, mask=rv, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(LSE2 + r, lse2, mask=rv)
+
+
+@triton.jit
+def _load_entries(COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D: tl.constexpr):
+    """Gather the query-side rows of entries ``rows``: q, dout, lse2, delta, position."""
+    ent = tl.load(COMP + rows, mask=rv, other=0) % NENT
+    th = ent // KSEL
+    dd = tl.arange(0, D)
+    off = th[:, None] * D + dd[None, :]
+    q = tl.load(Q + off, mask=rv[:, None], other=0.0)
+    do = tl.load(DO + off, mask=rv[:, None], other=0.0)
+    lse2 = tl.load(LSE2 + th, mask=rv, other=float("inf"))
+    delta = tl.load(DELTA + th, mask=rv, other=0.0)
+    qpos = tl.load(QPOS + th // HQ, mask=rv, other=-1)
+    return ent, q, do, lse2, delta, qpos
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _dkdv_kernel(
+    QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GLO, GHI, NGROUP, NINDEX, DK, DV,
+    b0, scale_log2, scale, HKV,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ACCUM: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    grp = tl.load(NGROUP + pid)
+    if grp < 0:
+        return
+    blk = grp // HKV
+    kvh = grp % HKV
+    r1 = tl.load(BROWS + blk + 1)
+    cols = tl.load(BROWS + blk) + tl.load(NINDEX + pid) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cvalid = cols < r1
+    kpos = tl.load(KPOS + cols, mask=cvalid, other=0)
+    dd = tl.arange(0, D)
+    koff = (cols[:, None] * HKV + kvh) * D + dd[None, :]
+    kt = tl.load(K + koff, mask=cvalid[:, None], other=0.0)
+    vt = tl.load(V + koff, mask=cvalid[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    # The slab holds this group's entries [GLO, GHI) gathered contiguously (slab-local rows):
+    # direct addresses in the inner loop let the compiler pipeline its loads.
+    s1 = tl.load(GHI + grp) - b0
+    for m0 in range(tl.load(GLO + grp) - b0, s1, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rv = rows < s1
+        q = tl.load(QS + rows[:, None] * D + dd[None, :], mask=rv[:, None], other=0.0)
+        do = tl.load(DOS + rows[:, None] * D + dd[None, :], mask=rv[:, None], other=0.0)
+        lse2 = tl.load(LSE2S + rows, mask=rv, other=float("inf"))
+        delta = tl.load(DELTAS + rows, mask=rv, other=0.0)
+        qpos = tl.load(QPOSS + rows, mask=rv, other=-1)
+        # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate as (keys x D) products.
+        st = _dot(kt, tl.trans(q), IEEE) * scale_log2
+        ok = cvalid[:, None] & rv[None, :] & (kpos[:, None] <= qpos[None, :])
+        pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+        dv += _dot(pt, do, IEEE)
+        dpt = _dot(vt, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst, q, IEEE)
+    dk = dk * scale
+    if ACCUM:  # later slabs add to earlier ones, in launch order: deterministic
+        dk += tl.load(DK + koff, mask=cvalid[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(DV + koff, mask=cvalid[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=cvalid[:, None])
+    tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=cvalid[:, None])
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, COMP, TGROUP, TSTART, TSTOP, TKEND, DQPART,
+    e0, scale_log2, scale, HQ, HKV, KSEL, NENT,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    grp = tl.load(TGROUP + pid)
+    if grp < 0:
+        return
+    stop = tl.load(TSTOP + pid)
+    kend = tl.load(TKEND + pid)
+    rows = tl.load(TSTART + pid) + tl.arange(0, BLOCK_M)
+    rv = rows < stop
+    ent, q, do, lse2, delta, qpos = _load_entries(
+        COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D
+    )
+    kvh = grp % HKV
+    dd = tl.arange(0, D)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(tl.load(BROWS + grp // HKV), kend, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cvalid = cols < kend
+        kpos = tl.load(KPOS + cols, mask=cvalid, other=0)
+        koff = (cols[:, None] * HKV + kvh) * D + dd[None, :]
+        kt = tl.load(K + koff, mask=cvalid[:, None], other=0.0)
+        vt = tl.load(V + koff, mask=cvalid[:, None], other=0.0)
+        s = _dot(q, tl.trans(kt), IEEE) * scale_log2
+        ok = cvalid[None, :] & rv[:, None] & (kpos[None, :] <= qpos[:, None])
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(vt), IEEE)
+        dq += _dot(p * (dp - delta[:, None]), kt, IEEE)
+    local = ent - e0
+    tl.store(DQPART + local[:, None] * D + dd[None, :], dq * scale, mask=rv[:, None])
+
+
+def _dkdv(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dk, dv):
+    """dK/dV over entry slabs: each slab's query rows are gathered into contiguous buffers first,
+    then one launch covers every (group, key tile) with entries in the slab. Writes ``dk``,
+    ``dv`` in place (accumulated in float32 across slabs when there are several)."""
+    tk, hkv, d = k.shape
+    cfg = tile_config(DKDV_CONFIG, q)
+    n_valid = int(plan.group_off[-1])  # the one host sync of the backward
+    slab = max(cfg.block_m, _SLAB_ELEMS // (2 * d))
+    multi = n_valid > slab
+    acc_k = (
+        dk if not multi or dk.dtype == torch.float32 else torch.zeros_like(dk, dtype=torch.float32)
+    )
+    acc_v = (
+        dv if not multi or dv.dtype == torch.float32 else torch.zeros_like(dv, dtype=torch.float32)
+    )
+    blk_len = (keys.block_rows[1:] - keys.block_rows[:-1]).repeat_interleave(hkv)
+    bound = hkv * (tk // cfg.block_n + keys.block_rows.numel())
+    for b0 in range(0, n_valid, slab):
+        b1 = min(n_valid, b0 + slab)
+        th = plan.comp[b0:b1] % plan.num_entries // plan.topk
+        glo = plan.group_off[:-1].clamp(b0, b1)
+        ghi = plan.group_off[1:].clamp(b0, b1)
+        group, index = tile_table(torch.where(ghi > glo, blk_len, 0), cfg.block_n, bound)
+        _dkdv_kernel[(bound,)](
+            q.view(-1, d)[th], k, v, dout.view(-1, d)[th], lse2[th], delta[th],
+            qpos[th // plan.hq], keys.k_pos, keys.block_rows, glo, ghi, group.to(torch.int32),
+            index, acc_k, acc_v, b0, scale * _LOG2E, scale, hkv, D=d, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32, ACCUM=multi,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    if acc_k is not dk:
+        dk.copy_(acc_k)
+        dv.copy_(acc_v)
+
+
+def _dq(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dq):
+    """Launch the dQ kernel per token chunk and sum each (t, h)'s K slot partials into ``dq``."""
+    tq, hq, d = q.shape
+    cfg = tile_config(DQ_CONFIG, q)
+    topk = plan.topk
+    for t0, t1 in token_chunks(tq, hq, topk, d):
+        e0, e1 = t0 * hq * topk, t1 * hq * topk
+        tiles = chunk_tiles(plan, qpos, keys, e0, e1, cfg.block_m)
+        # Zeros: slots without a selection or without keys are never written.
+        part = torch.zeros(e1 - e0, d, dtype=torch.float32, device=q.device)
+        _dq_kernel[(tiles.group.numel(),)](
+            q, k, v, dout, lse2, delta, qpos, keys.k_pos, keys.block_rows, plan.comp,
+            tiles.group, tiles.start, tiles.stop, tiles.kend, part, e0, scale * _LOG2E, scale,
+            hq, plan.hkv, topk, plan.num_entries, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        # A plain reduction over the slot axis: fixed order, deterministic on every device.
+        dq[t0:t1] = part.view(t1 - t0, hq, topk, d).sum(2)
+
+
+def bwd_all(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_pos: torch.Tensor,
+    keys: RoutedKeys,
+    plan: EntryPlan,
+    softmax_scale: float,
+    grad_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in ``grad_dtype`` (contiguous inputs)."""
+    tq, hq, d = q.shape
+    keys = RoutedKeys(keys.block_rows.to(torch.int64).contiguous(), keys.k_pos.to(torch.int64))
+    qpos = q_pos.to(torch.int64).contiguous()
+    dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
+    # Key rows no query selected get no program: they must start at zero.
+    dk = torch.zeros(k.shape, dtype=grad_dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=grad_dtype, device=v.device)
+    if tq == 0 or k.shape[0] == 0:
+        return dq.zero_(), dk, dv
+    lse2 = torch.empty(tq * hq, dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse2)
+    _prep_kernel[(math.ceil(tq * hq / _PREP_ROWS),)](
+        dout, out, lse.float().contiguous(), lse2, delta, tq, hq, tq * hq, D=d,
+        BLOCK_R=_PREP_ROWS,
+    )  # fmt: skip
+    _dkdv(q, k, v, dout, lse2, delta, qpos, keys, plan, softmax_scale, dk, dv)
+    _dq(q, k, v, dout, lse2, delta, qpos, keys, plan, softmax_scale, dq)
+    return dq, dk, dv
