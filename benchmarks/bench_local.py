@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import re
 import shlex
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 
 import moba_dist.ops
 from moba_dist import moba_attn_varlen
-from moba_dist.kernels import triton_bwd, triton_fwd, triton_moba
+from moba_dist.kernels import gate as gate_mod
+from moba_dist.kernels import triton_bwd, triton_fwd, triton_gate, triton_moba
 from moba_dist.kernels.blocks import BlockLayout
 from moba_dist.kernels.flash import flash_varlen_bwd, flash_varlen_fwd
 from moba_dist.kernels.gate import block_centroids
@@ -122,8 +124,10 @@ def backend_fns(name, q, k, v, do, cu, t, block, topk):
     if name == "triton-raw":
         return _raw_fns(q, k, v, do, cu, block, topk, scale)
     lq, lk, lv = leaves(q, k, v)
-    kw = dict(moba_chunk_size=block, moba_topk=topk, backend=name.removesuffix("-tgate"))
-    gate = triton_gate_patch if name.endswith("-tgate") else contextlib.nullcontext
+    kw = dict(moba_chunk_size=block, moba_topk=topk, backend=name.split("-")[0])
+    gate = {"triton-tgate": triton_gate_patch, "triton-base": base_patch}.get(
+        name, contextlib.nullcontext
+    )
 
     def moba_fwd():
         with gate():
@@ -147,6 +151,44 @@ def triton_gate_patch():
         yield
     finally:
         moba_dist.ops.select_blocks = keep
+
+
+_BASE = {}
+
+
+def _base_module(name):
+    """The kernels module as it was before the issue-5 follow-up (snapshot of the committed file
+    in benchmarks/results/base_<name>.py), loaded under a private name."""
+    if name not in _BASE:
+        path = Path(__file__).parent / "results" / f"base_{name}.py"
+        spec = importlib.util.spec_from_file_location(f"_bench_base_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _BASE[name] = mod
+    return _BASE[name]
+
+
+@contextlib.contextmanager
+def base_patch():
+    """Benchmark-only: the triton op as committed before this follow-up (float32 partials,
+    torch segment_sums centroids, 2 host syncs per gate chunk, torch slab gathers, zero-filled
+    dQ partials), to time old and new side by side in one process."""
+    old_bwd, old_gate = _base_module("triton_bwd"), _base_module("triton_gate")
+    keep = (triton_fwd.PARTIAL_DTYPE, gate_mod._triton_block_sums, triton_bwd.bwd_all,
+            triton_gate._select_exact)  # fmt: skip
+
+    def bwd_all(dout, q, k, v, out, lse, q_pos, keys, plan, sel, scale, grad_dtype):
+        return old_bwd.bwd_all(dout, q, k, v, out, lse, q_pos, keys, plan, scale, grad_dtype)
+
+    triton_fwd.PARTIAL_DTYPE = torch.float32
+    gate_mod._triton_block_sums = lambda k, layout: None
+    triton_bwd.bwd_all = bwd_all
+    triton_gate._select_exact = old_gate._select_exact
+    try:
+        yield
+    finally:
+        (triton_fwd.PARTIAL_DTYPE, gate_mod._triton_block_sums, triton_bwd.bwd_all,
+         triton_gate._select_exact) = keep  # fmt: skip
 
 
 def _raw_fns(q, k, v, do, cu, block, topk, scale):
@@ -177,13 +219,18 @@ def gate_times(q, k, cu, block, topk, reps):
     def triton_gate(precision="ieee"):
         return select_blocks_triton(q, block_centroids(k, layout), tok, first, topk, precision)
 
+    with base_patch():
+        base_ms = median_ms(lambda: moba_route(q, k, layout, topk), reps)
+        base_sel = moba_route(q, k, layout, topk).sort(-1).values
     res = dict(
+        gate_base_ms=base_ms,
         gate_torch_ms=median_ms(lambda: moba_route(q, k, layout, topk), reps),
         gate_triton_ms=median_ms(triton_gate, reps),
         gate_tf32x3_ms=median_ms(lambda: triton_gate("tf32x3"), reps),
         centroids_ms=median_ms(lambda: block_centroids(k, layout), reps),
     )
     a = moba_route(q, k, layout, topk).sort(-1).values
+    res["gate_base_agreement"] = (a == base_sel).all(-1).float().mean().item()
     for key, prec in (("gate_agreement", "ieee"), ("gate_tf32x3_agreement", "tf32x3")):
         b = triton_gate(prec).sort(-1).values
         res[key] = (a == b).all(-1).float().mean().item()
@@ -210,12 +257,14 @@ def accuracy(t, hq, hkv, d, block, topk) -> dict:
         *reference_routed_bwd(f32[3], *f32[:3], ref_out, ref_lse, pos, keys, sel, scale),
     ]
     res = {}
-    for name in ("triton", "varlen"):
+    for name in ("triton", "triton-base", "varlen"):
         lq, lk, lv = leaves(q, k, v)
-        out = moba_attn_varlen(
-            lq, lk, lv, cu, t, moba_chunk_size=block, moba_topk=topk, backend=name
-        )
-        out.backward(do)
+        with base_patch() if name == "triton-base" else contextlib.nullcontext():
+            out = moba_attn_varlen(
+                lq, lk, lv, cu, t, moba_chunk_size=block, moba_topk=topk,
+                backend=name.split("-")[0],
+            )  # fmt: skip
+            out.backward(do)
         got = (out, lq.grad, lk.grad, lv.grad)
         for tag, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
             res[f"{name}_{tag}_err"] = rel(a, b)
@@ -226,8 +275,9 @@ def accuracy(t, hq, hkv, d, block, topk) -> dict:
     return res
 
 
-def run_case(name, reps, check) -> list[dict]:
-    t, hq, hkv, d, block, topk, backends = CASES[name]
+def run_case(name, reps, check, backends=None) -> list[dict]:
+    t, hq, hkv, d, block, topk, default = CASES[name]
+    backends = backends or default
     flops, density = useful_flops(t, hq, d, block, topk)
     q, k, v, do = inputs(t, hq, hkv, d)
     cu = torch.tensor([0, t], dtype=torch.int32, device="cuda")
@@ -283,10 +333,10 @@ def _finish(rows, flops, extra):
         if r["backend"].startswith("triton"):
             r.update(extra)
             # Share of the gate the row ran: the fused gate for -tgate/-raw rows.
-            fused = r["backend"] != "triton"
-            r["gate_share"] = (
-                extra.get("gate_triton_ms" if fused else "gate_torch_ms", 0) / r["fwd_ms"]
+            key = {"triton": "gate_torch_ms", "triton-base": "gate_base_ms"}.get(
+                r["backend"], "gate_triton_ms"
             )
+            r["gate_share"] = extra.get(key, 0) / r["fwd_ms"]
 
 
 TUNE = {
@@ -387,7 +437,9 @@ def markdown(rows, gpu) -> str:
         lines += ["", "| case | path | out err | dq err | dk err | dv err | gate agreement |"]
         lines += ["|---|---|---|---|---|---|---|"]
         for r in acc:
-            for p in ("triton", "varlen"):
+            for p in ("triton", "triton-base", "varlen"):
+                if f"{p}_out_err" not in r:
+                    continue
                 errs = " | ".join(f"{r[f'{p}_{x}_err']:.2e}" for x in ("out", "dq", "dk", "dv"))
                 lines.append(f"| {r['case']} | {p} | {errs} | {r.get('gate_agreement')} |")
     return "\n".join(lines) + "\n"
@@ -424,6 +476,7 @@ def main():
     ap.add_argument("--profile", default="", help="CASE:BACKEND pairs to profile")
     ap.add_argument("--partial", action="store_true", help="bf16 partials in the triton forward")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--backends", default="", help="override every case's backend list")
     ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
@@ -433,11 +486,14 @@ def main():
         triton_fwd.PARTIAL_DTYPE = torch.bfloat16
     tuned = {c: tune(c, args.reps) for c in filter(None, args.tune.split(","))}
     for pair in filter(None, args.profile.split(",")):
-        profile(*pair.split(":"), args.out_dir)
+        try:
+            profile(*pair.split(":"), args.out_dir)
+        except Exception as e:  # keep the timing table
+            print(f"profile {pair} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     rows = []
     for name in args.cases.split(","):
         reps = 3 if CASES[name][0] >= 1 << 20 else args.reps
-        rows += run_case(name, reps, name in args.check.split(","))
+        rows += run_case(name, reps, name in args.check.split(","), args.backends)
     for r in rows:
         r["command"] = command
         r["partial_dtype"] = str(triton_fwd.PARTIAL_DTYPE or torch.float32)
