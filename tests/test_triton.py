@@ -206,3 +206,28 @@ def test_unavailable_reason():
     assert triton_moba.unavailable_reason(torch.zeros(2, 1, 64, dtype=torch.float32)) is None
     assert "float32" in triton_moba.unavailable_reason(torch.zeros(2, 1, 64, dtype=torch.bfloat16))
     assert "head_dim" in triton_moba.unavailable_reason(torch.zeros(2, 1, 48))
+
+
+def test_block_sums_kernel_matches_segment_sums():
+    # The CUDA fast path of the centroids (gate.py uses it on CUDA only), run here under the
+    # interpreter: ragged packed blocks, D not a power of two.
+    from moba_dist.kernels.blocks import segment_sums
+    from moba_dist.kernels.triton_gate import block_sums_triton
+
+    g = torch.Generator().manual_seed(13)
+    k = torch.randn(150, 3, 24, generator=g).to(DEV)
+    layout = BlockLayout.build(torch.tensor([0, 70, 75, 150], dtype=torch.int32, device=DEV), 16)
+    want = segment_sums(k, layout.token_block, layout.num_blocks, 16, torch.float32)
+    close("block sums", block_sums_triton(k, layout.block_starts), want)
+
+
+def test_triton_gate_several_chunks(monkeypatch):
+    # Query chunks of 9 over 112 tokens in 3 sequences: the per-chunk candidate ranges come from
+    # one padded device reduction (the last chunk is partial).
+    from moba_dist.kernels import triton_gate
+
+    q, k, *_, layout, _ = make([37, 70, 5], 8, 4, 2, 32, 3, seed=14)
+    c, tok = block_centroids(k, layout), layout.token_block
+    monkeypatch.setattr(triton_gate, "_SCORE_BUDGET", 9 * 4 * layout.num_blocks)
+    args = (q, c, tok, layout.block_seq_first[tok], 3)
+    assert torch.equal(select_blocks_triton(*args), select_blocks(*args))

@@ -39,11 +39,26 @@ def _exact_fp32() -> Iterator[None]:
 
 def block_centroids(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean key of every block: ``k [T, Hkv, D]`` -> ``[N, Hkv, D]`` in :func:`gate_dtype`."""
-    sums = segment_sums(
-        k, layout.token_block, layout.num_blocks, layout.block_size, gate_dtype(k.dtype)
-    )
+    sums = _triton_block_sums(k, layout)
+    if sums is None:
+        sums = segment_sums(
+            k, layout.token_block, layout.num_blocks, layout.block_size, gate_dtype(k.dtype)
+        )
     counts = (layout.block_starts[1:] - layout.block_starts[:-1]).to(sums.dtype)
     return sums / counts.clamp_min(1).view(-1, 1, 1)
+
+
+def _triton_block_sums(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor | None:
+    """CUDA fast path of the block sums (one Triton kernel, one read of k, no host sync; float32
+    accumulation in a fixed row order): 16/32-bit floats on CUDA only, so CPU and float64
+    results are those of ``segment_sums``. None when it cannot run."""
+    if k.device.type != "cuda" or k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    try:
+        from moba_dist.kernels.triton_gate import block_sums_triton
+    except ImportError:
+        return None
+    return block_sums_triton(k, layout.block_starts)
 
 
 def _triton_gate(q: torch.Tensor, centroids: torch.Tensor):

@@ -31,6 +31,8 @@ __all__ = ["DKDV_CONFIG", "DQ_CONFIG", "bwd_all"]
 
 _LOG2E = 1.4426950408889634
 _PREP_ROWS = 32
+_GATHER_ROWS = 64
+_SUM_ROWS = 32
 # Gathered q + dout elements of one dK/dV slab (512 MiB in bf16).
 _SLAB_ELEMS = 1 << 28
 
@@ -60,6 +62,44 @@ def _prep_kernel(DO, OUT, LSE, LSE2, DELTA, TQ, HQ, n_rows, D: tl.constexpr, BLO
 
 
 @triton.jit
+def _gather_kernel(
+    COMP, Q, DO, LSE2, DELTA, QPOS, QS, DOS, LSE2S, DELTAS, QPOSS, b0, n_rows, NENT, KSEL, HQ,
+    D: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # Slab row i <- entry comp[b0 + i]: its q / dout rows, lse2, delta and position, in one pass
+    # (replaces five torch gathers and the int64 index arithmetic feeding them).
+    i = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    iv = i < n_rows
+    th = tl.load(COMP + b0 + i, mask=iv, other=0) % NENT // KSEL
+    dd = tl.arange(0, D)
+    src = th[:, None] * D + dd[None, :]
+    dst = i[:, None] * D + dd[None, :]
+    tl.store(QS + dst, tl.load(Q + src, mask=iv[:, None]), mask=iv[:, None])
+    tl.store(DOS + dst, tl.load(DO + src, mask=iv[:, None]), mask=iv[:, None])
+    tl.store(LSE2S + i, tl.load(LSE2 + th, mask=iv), mask=iv)
+    tl.store(DELTAS + i, tl.load(DELTA + th, mask=iv), mask=iv)
+    tl.store(QPOSS + i, tl.load(QPOS + th // HQ, mask=iv), mask=iv)
+
+
+@triton.jit
+def _dq_sum_kernel(
+    PART, SEL, DQ, t0, HQ, n_rows, KSEL, D: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # dq[t0 * Hq + r] = sum over the valid slots s of part[r * K + s], in slot order. Every valid
+    # entry was written by the dQ kernel (zeros when it saw no key), invalid slots never are.
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rv = r < n_rows
+    row = t0 * HQ + r
+    dd = tl.arange(0, D)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    for s in range(KSEL):
+        live = rv & (tl.load(SEL + row * KSEL + s, mask=rv, other=-1) >= 0)
+        acc += tl.load(PART + (r * KSEL + s)[:, None] * D + dd[None, :], mask=live[:, None],
+                       other=0.0)  # fmt: skip
+    tl.store(DQ + row[:, None] * D + dd[None, :], acc.to(DQ.dtype.element_ty), mask=rv[:, None])
+
+
+@triton.jit
 def _load_entries(COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D: tl.constexpr):
     """Gather the query-side rows of entries ``rows``: q, dout, lse2, delta, position."""
     ent = tl.load(COMP + rows, mask=rv, other=0) % NENT
@@ -83,8 +123,8 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _dkdv_kernel(
-    QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GLO, GHI, NGROUP, NINDEX, DK, DV,
-    b0, scale_log2, scale, HKV,
+    QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GOFF, GLO, GHI, NGROUP, NINDEX, DK, DV,
+    ACCK, ACCV, b0, scale_log2, scale, HKV,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ACCUM: tl.constexpr,
 ):  # fmt: skip
@@ -124,9 +164,19 @@ def _dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst, q, IEEE)
     dk = dk * scale
-    if ACCUM:  # later slabs add to earlier ones, in launch order: deterministic
-        dk += tl.load(DK + koff, mask=cvalid[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(DV + koff, mask=cvalid[:, None], other=0.0).to(tl.float32)
+    if ACCUM:
+        # A group split over slabs (at most one per slab boundary) carries its partial dK/dV in
+        # the float32 scratch ACCK/ACCV (DK/DV themselves for float32 grads) from slab to slab,
+        # in launch order (deterministic); only its last slab rounds to DK's dtype once.
+        if tl.load(GLO + grp) != tl.load(GOFF + grp):  # started in an earlier slab
+            dk += tl.load(ACCK + koff, mask=cvalid[:, None], other=0.0)
+            dv += tl.load(ACCV + koff, mask=cvalid[:, None], other=0.0)
+        # Ends in this slab? (else it continues in a later one); as a [BLOCK_N] vector mask.
+        ends = (tl.load(GHI + grp) == tl.load(GOFF + grp + 1)).to(tl.int32) + 0 * cols
+        carry = cvalid & (ends == 0)
+        tl.store(ACCK + koff, dk, mask=carry[:, None])
+        tl.store(ACCV + koff, dv, mask=carry[:, None])
+        cvalid = cvalid & (ends != 0)
     tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=cvalid[:, None])
     tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=cvalid[:, None])
 
@@ -173,36 +223,42 @@ def _dkdv(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dk, dv
     ``dv`` in place (accumulated in float32 across slabs when there are several)."""
     tk, hkv, d = k.shape
     cfg = tile_config(DKDV_CONFIG, q)
-    n_valid = int(plan.group_off[-1])  # the one host sync of the backward
+    # Valid entries come first in plan.comp; their count needs a host sync, so the slabs cover
+    # all E entries instead (the sentinel tail, invalid slots, belongs to no group: its slab
+    # rows are gathered but never read).
+    n_ent = plan.num_entries
     slab = max(cfg.block_m, _SLAB_ELEMS // (2 * d))
-    multi = n_valid > slab
-    acc_k = (
-        dk if not multi or dk.dtype == torch.float32 else torch.zeros_like(dk, dtype=torch.float32)
-    )
-    acc_v = (
-        dv if not multi or dv.dtype == torch.float32 else torch.zeros_like(dv, dtype=torch.float32)
-    )
+    multi = n_ent > slab
+    # Float32 carry for groups split over slabs: every read row was written by an earlier slab,
+    # so the scratch needs no zero fill (and no copy back: the last slab stores to dk/dv).
+    f32 = dk.dtype == torch.float32
+    acc_k = dk if not multi or f32 else torch.empty(dk.shape, dtype=torch.float32, device=dk.device)
+    acc_v = dv if not multi or f32 else torch.empty(dv.shape, dtype=torch.float32, device=dv.device)
     blk_len = (keys.block_rows[1:] - keys.block_rows[:-1]).repeat_interleave(hkv)
     bound = hkv * (tk // cfg.block_n + keys.block_rows.numel())
-    for b0 in range(0, n_valid, slab):
-        b1 = min(n_valid, b0 + slab)
-        th = plan.comp[b0:b1] % plan.num_entries // plan.topk
+    rows = min(slab, n_ent)
+    qs, dos = q.new_empty(rows, d), dout.new_empty(rows, d)
+    lse2s, deltas = lse2.new_empty(rows), delta.new_empty(rows)
+    qposs = qpos.new_empty(rows)
+    for b0 in range(0, n_ent, slab):
+        b1 = min(n_ent, b0 + slab)
+        _gather_kernel[(triton.cdiv(b1 - b0, _GATHER_ROWS),)](
+            plan.comp, q, dout, lse2, delta, qpos, qs, dos, lse2s, deltas, qposs, b0, b1 - b0,
+            n_ent, plan.topk, plan.hq, D=d, BLOCK_R=_GATHER_ROWS,
+        )  # fmt: skip
         glo = plan.group_off[:-1].clamp(b0, b1)
         ghi = plan.group_off[1:].clamp(b0, b1)
         group, index = tile_table(torch.where(ghi > glo, blk_len, 0), cfg.block_n, bound)
         _dkdv_kernel[(bound,)](
-            q.view(-1, d)[th], k, v, dout.view(-1, d)[th], lse2[th], delta[th],
-            qpos[th // plan.hq], keys.k_pos, keys.block_rows, glo, ghi, group.to(torch.int32),
-            index, acc_k, acc_v, b0, scale * _LOG2E, scale, hkv, D=d, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32, ACCUM=multi,
+            qs, k, v, dos, lse2s, deltas, qposs, keys.k_pos, keys.block_rows, plan.group_off,
+            glo, ghi, group.to(torch.int32), index, dk, dv, acc_k, acc_v, b0, scale * _LOG2E,
+            scale, hkv, D=d,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32, ACCUM=multi,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    if acc_k is not dk:
-        dk.copy_(acc_k)
-        dv.copy_(acc_v)
 
 
-def _dq(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dq):
+def _dq(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, sel, scale, dq):
     """Launch the dQ kernel per token chunk and sum each (t, h)'s K slot partials into ``dq``."""
     tq, hq, d = q.shape
     cfg = tile_config(DQ_CONFIG, q)
@@ -210,16 +266,19 @@ def _dq(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dq):
     for t0, t1 in token_chunks(tq, hq, topk, d):
         e0, e1 = t0 * hq * topk, t1 * hq * topk
         tiles = chunk_tiles(plan, qpos, keys, e0, e1, cfg.block_m)
-        # Zeros: slots without a selection or without keys are never written.
-        part = torch.zeros(e1 - e0, d, dtype=torch.float32, device=q.device)
+        # Every valid slot is written (zeros when it saw no key); invalid ones are masked below.
+        part = torch.empty(e1 - e0, d, dtype=torch.float32, device=q.device)
         _dq_kernel[(tiles.group.numel(),)](
             q, k, v, dout, lse2, delta, qpos, keys.k_pos, keys.block_rows, plan.comp,
             tiles.group, tiles.start, tiles.stop, tiles.kend, part, e0, scale * _LOG2E, scale,
             hq, plan.hkv, topk, plan.num_entries, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-        # A plain reduction over the slot axis: fixed order, deterministic on every device.
-        dq[t0:t1] = part.view(t1 - t0, hq, topk, d).sum(2)
+        # Sum over the valid slots in slot order (deterministic), cast to dq's dtype on store.
+        n_rows = (t1 - t0) * hq
+        _dq_sum_kernel[(triton.cdiv(n_rows, _SUM_ROWS),)](
+            part, sel, dq, t0, hq, n_rows, topk, D=d, BLOCK_R=_SUM_ROWS
+        )
 
 
 def bwd_all(
@@ -232,6 +291,7 @@ def bwd_all(
     q_pos: torch.Tensor,
     keys: RoutedKeys,
     plan: EntryPlan,
+    sel: torch.Tensor,
     softmax_scale: float,
     grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,5 +312,5 @@ def bwd_all(
         BLOCK_R=_PREP_ROWS,
     )  # fmt: skip
     _dkdv(q, k, v, dout, lse2, delta, qpos, keys, plan, softmax_scale, dk, dv)
-    _dq(q, k, v, dout, lse2, delta, qpos, keys, plan, softmax_scale, dq)
+    _dq(q, k, v, dout, lse2, delta, qpos, keys, plan, sel.contiguous(), softmax_scale, dq)
     return dq, dk, dv

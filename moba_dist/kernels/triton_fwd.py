@@ -43,9 +43,17 @@ FWD_CONFIG: dict[int, TileConfig] = {
 # The interpreter runs numpy per op: moderate tiles keep tests fast while still giving groups
 # several query tiles and blocks several key tiles.
 _INTERPRET_CONFIG = TileConfig(16, 16, 1, 1)
-# Storage of the per-entry partial outputs (None: float32). A 16-bit type halves the partial
-# traffic (write + merge read) at the cost of one extra rounding of each partial.
+# Storage of the per-entry partial outputs o (lse partials and the merge stay float32). None:
+# q's dtype for 16-bit inputs (halves the partial traffic, write + merge read, for one extra
+# rounding of each partial: device-checked within the bf16 error budget, see NOTES_triton.md),
+# float32 for float32 inputs. Benchmarks may pin torch.float32.
 PARTIAL_DTYPE: torch.dtype | None = None
+
+
+def partial_dtype(q: torch.Tensor) -> torch.dtype:
+    if PARTIAL_DTYPE is not None:
+        return PARTIAL_DTYPE
+    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def tile_config(table: dict[int, TileConfig], q: torch.Tensor) -> TileConfig:
@@ -169,7 +177,7 @@ def fwd_chunks(
     for t0, t1 in token_chunks(tq, hq, topk, d):
         e0, e1 = t0 * hq * topk, t1 * hq * topk
         tiles = chunk_tiles(plan, qpos, RoutedKeys(brows, kpos), e0, e1, cfg.block_m)
-        opart = torch.empty(e1 - e0, d, dtype=PARTIAL_DTYPE or torch.float32, device=q.device)
+        opart = torch.empty(e1 - e0, d, dtype=partial_dtype(q), device=q.device)
         lpart = torch.full((e1 - e0,), float("-inf"), dtype=torch.float32, device=q.device)
         _fwd_kernel[(tiles.group.numel(),)](
             q, k, v, qpos, kpos, brows, plan.comp, tiles.group, tiles.start, tiles.stop,

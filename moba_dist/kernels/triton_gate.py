@@ -23,13 +23,51 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["select_blocks_triton"]
+__all__ = ["block_sums_triton", "select_blocks_triton"]
 
 # Queries per program x candidate blocks per score tile: tl.dot needs both >= 16.
 _BLOCK_T = 64
 _BLOCK_C = 32
 # Scores of one query chunk in the exact path (float32 elements: 256 MiB).
 _SCORE_BUDGET = 1 << 26
+# Key rows per step of the block-sum kernel.
+_SUM_ROWS = 64
+
+
+@triton.jit
+def _block_sum_kernel(K, STARTS, OUT, HKV, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per (block j, KV head g): float32 sum of k[starts[j]:starts[j+1], g], rows in
+    # a fixed order (deterministic). STARTS is int64, so every row offset is int64.
+    j = tl.program_id(0)
+    g = tl.program_id(1)
+    r0 = tl.load(STARTS + j)
+    r1 = tl.load(STARTS + j + 1)
+    dd = tl.arange(0, BLOCK_D)
+    dv = dd < D
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for r in range(r0, r1, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        x = tl.load(
+            K + (rows[:, None] * HKV + g) * D + dd[None, :],
+            mask=(rows < r1)[:, None] & dv[None, :], other=0.0,
+        )  # fmt: skip
+        acc += x.to(tl.float32)
+    tl.store(OUT + (j.to(tl.int64) * HKV + g) * D + dd, tl.sum(acc, 0), mask=dv)
+
+
+def block_sums_triton(k: torch.Tensor, block_starts: torch.Tensor) -> torch.Tensor:
+    """Float32 sums of the contiguous row blocks ``k[block_starts[j]:block_starts[j + 1]]`` of
+    ``k [T, Hkv, D]`` -> ``[N, Hkv, D]``: one read of k, no host synchronisation."""
+    _, hkv, d = k.shape
+    n = block_starts.numel() - 1
+    out = torch.empty((n, hkv, d), dtype=torch.float32, device=k.device)
+    if n == 0 or hkv == 0 or d == 0:
+        return out.zero_()
+    _block_sum_kernel[(n, hkv)](
+        k.contiguous(), block_starts.to(torch.int64).contiguous(), out, hkv, d,
+        BLOCK_R=_SUM_ROWS, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
+    return out
 
 
 @triton.jit
@@ -81,13 +119,16 @@ def _gate_kernel(
 
 @triton.jit
 def _topk_kernel(
-    S, QBLOCK, QFIRST, SEL, t0, n_rows, HQ, R, lo, KSEL,
+    S, QBLOCK, QFIRST, SEL, t0, n_rows, HQ, R, lo, KSEL, C, GRP,
     KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    # Rows (t - t0) * Hq + h of a score chunk S [rows, R] whose column c is block lo + c.
+    # Rows (t - t0) * Hq + h of a chunk of C queries; the scores S [Hkv, C, GRP, R] come
+    # straight from the batched GEMM (h = g * GRP + i), column c is block lo + c.
     row = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     rv = row < n_rows
     t = t0 + row // HQ
+    h = row % HQ
+    srow = ((h // GRP) * C + row // HQ) * GRP + h % GRP
     own = tl.load(QBLOCK + t, mask=rv, other=0)
     first = tl.load(QFIRST + t, mask=rv, other=0)
     top_v, top_i = _empty_set(KSEL, BLOCK_T, KP)
@@ -95,7 +136,7 @@ def _topk_kernel(
     for c0 in range(c_lo, tl.max(tl.where(rv, own, 0), 0), BLOCK_C):
         cid = c0 + tl.arange(0, BLOCK_C)
         ok = (cid[None, :] >= first[:, None]) & (cid[None, :] < own[:, None]) & rv[:, None]
-        s = tl.load(S + row[:, None] * R + (cid - lo)[None, :], mask=ok, other=float("-inf"))
+        s = tl.load(S + srow[:, None] * R + (cid - lo)[None, :], mask=ok, other=float("-inf"))
         top_v, top_i = _insert_tile(s, cid, top_v, top_i, KSEL)
     _emit(SEL + (t0 * HQ + row) * KSEL, rv, own, top_v, top_i, KSEL, KP)
 
@@ -174,16 +215,29 @@ def _select_exact(q, centroids, q_block, q_first, sel, kp: int) -> None:
     chunk = max(1, _SCORE_BUDGET // (hq * max(1, n)))
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the default gate is exact IEEE float32
+    # Candidate range of every chunk, fetched in one host synchronisation (not two per chunk):
+    # pad the last chunk with its own last query, so the padded min / max are its own.
+    n_chunks = -(-tq // chunk)
+    pad = n_chunks * chunk - tq
+    ends = torch.stack([
+        torch.cat([q_first, q_first[-1:].expand(pad)]).view(n_chunks, chunk).amin(1),
+        torch.cat([q_block, q_block[-1:].expand(pad)]).view(n_chunks, chunk).amax(1),
+    ]).tolist()  # fmt: skip
     try:
-        for c0 in range(0, tq, chunk):
+        for i, c0 in enumerate(range(0, tq, chunk)):
             c1 = min(tq, c0 + chunk)
-            lo, hi = int(q_first[c0:c1].min()), max(int(q_block[c0:c1].max()), 1)
+            lo, hi = ends[0][i], max(ends[1][i], 1)
             lo = min(lo, hi - 1)
-            qg = q[c0:c1].to(torch.float32).view(c1 - c0, hkv, hq // hkv, d)
-            scores = torch.einsum("cgid,rgd->cgir", qg, centroids[lo:hi]).contiguous()
-            rows = (c1 - c0) * hq
+            # KV-head-major float32 queries (one copy), so the batched GEMM writes the scores
+            # [Hkv, C * G, R] contiguous and the top-k kernel reads them in place (no copy of
+            # the score chunk).
+            c, grp = c1 - c0, hq // hkv
+            qg = torch.empty((hkv, c, grp, d), dtype=torch.float32, device=q.device)
+            qg.copy_(q[c0:c1].view(c, hkv, grp, d).transpose(0, 1))
+            scores = torch.bmm(qg.view(hkv, c * grp, d), centroids[lo:hi].permute(1, 2, 0))
+            rows = c * hq
             _topk_kernel[(triton.cdiv(rows, _BLOCK_T),)](
-                scores, q_block, q_first, sel, c0, rows, hq, hi - lo, lo, sel.shape[2],
+                scores, q_block, q_first, sel, c0, rows, hq, hi - lo, lo, sel.shape[2], c, grp,
                 KP=kp, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
             )  # fmt: skip
     finally:

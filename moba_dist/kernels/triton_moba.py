@@ -203,4 +203,4 @@ def routed_bwd(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout, out = dout.contiguous(), out.contiguous()
     plan = plan_entries(sel, keys.block_rows.numel() - 1, k.shape[1])
-    return bwd_all(dout, q, k, v, out, lse, q_pos, keys, plan, softmax_scale, grad_dtype)
+    return bwd_all(dout, q, k, v, out, lse, q_pos, keys, plan, sel, softmax_scale, grad_dtype)
