@@ -5,7 +5,7 @@
 
 Uses NCCL and bfloat16 when every rank has a GPU, else gloo on the CPU. Every rank checks its
 shard of the output and gradients against the single-device op on the gathered input and prints
-the communication statistics. (The full training example, examples/train_cp.py, replaces this.)
+the communication statistics. examples/train_cp.py is the full training example.
 """
 
 from __future__ import annotations
