@@ -26,6 +26,13 @@ def moba_route(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int)
     return select_blocks(q, centroids, tok, layout.block_seq_first[tok], topk)
 
 
+def _aligned_keys(layout: BlockLayout, device: torch.device) -> tuple[torch.Tensor, RoutedKeys]:
+    """Positions and routed-key description of the single-device case: q and k are the same
+    packed tokens, so block j's rows are exactly the block's token range."""
+    pos = torch.arange(layout.num_tokens, device=device)
+    return pos, RoutedKeys(block_rows=layout.block_starts, k_pos=pos)
+
+
 class MoBAVarlenFunction(torch.autograd.Function):
     """Autograd for packed MoBA. The routing is computed once in forward and reused in backward
     (no gradient flows through the gate); the lse output is not differentiable."""
@@ -36,8 +43,7 @@ class MoBAVarlenFunction(torch.autograd.Function):
         if backend == "varlen":
             out, lse = varlen_fwd(q, k, v, layout, sel, scale)
         else:
-            pos = torch.arange(q.shape[0], device=q.device)
-            keys = RoutedKeys(block_rows=layout.block_starts, k_pos=pos)
+            pos, keys = _aligned_keys(layout, q.device)
             out, lse = routed_fwd(backend, q, k, v, pos, keys, sel, scale)
         ctx.save_for_backward(q, k, v, out, lse, sel)
         ctx.layout, ctx.scale, ctx.backend = layout, scale, backend
@@ -51,8 +57,7 @@ class MoBAVarlenFunction(torch.autograd.Function):
         if ctx.backend == "varlen":
             dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, ctx.layout, sel, ctx.scale)
         else:
-            pos = torch.arange(q.shape[0], device=q.device)
-            keys = RoutedKeys(block_rows=ctx.layout.block_starts, k_pos=pos)
+            pos, keys = _aligned_keys(ctx.layout, q.device)
             dq, dk, dv = routed_bwd(
                 ctx.backend, dout, q, k, v, out, lse, pos, keys, sel, ctx.scale, grad_dtype=q.dtype
             )

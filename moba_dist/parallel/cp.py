@@ -42,10 +42,6 @@ def merge_lse(o1, l1, o2, l2):
     return out.to(o1.dtype), lse
 
 
-def _elem_bytes(x: torch.Tensor) -> int:
-    return x.element_size()
-
-
 class MoBACPFunction(torch.autograd.Function):
     """Autograd of one CP call; the plan (routing, fetch lists) is built outside and reused."""
 
@@ -107,7 +103,7 @@ def moba_density(blocks: BlockLayout, cu_seqlens: torch.Tensor, topk: int) -> fl
 
 
 def _fwd_stats(plan: CPPlan, k: torch.Tensor, density: float) -> dict[str, Any]:
-    row = 2 * k.shape[-1] * _elem_bytes(k)
+    row = 2 * k.shape[-1] * k.element_size()
     if plan.strategy == "allgather":
         sent = recv = (plan.world - 1) * k.shape[0] * k.shape[1] * row
     else:

@@ -62,6 +62,8 @@ class CPPlan:
     recv_slot: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     recv_head: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     fetched_keys: RoutedKeys | None = None
+    # allgather: global positions of every remote row, ascending
+    remote_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
 
 @dataclass
@@ -74,9 +76,9 @@ class Fetched:
     keys: RoutedKeys
 
 
-def global_centroids(k: torch.Tensor, plan_blocks: BlockLayout, own: Ownership, group):
-    """Exact centroids ``[N, Hkv, D]`` float32 from all-reduced partial key sums."""
-    tok = plan_blocks.token_block[own.positions]
+def global_centroids(k: torch.Tensor, plan_blocks: BlockLayout, tok: torch.Tensor, group):
+    """Exact centroids ``[N, Hkv, D]`` float32 from all-reduced partial key sums; ``tok
+    [T_local]`` is the global block id of every local token."""
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
     sums = segment_sums(k, tok, plan_blocks.num_blocks, plan_blocks.block_size, acc)
     comm.all_reduce_sum(sums, group)
@@ -86,8 +88,8 @@ def global_centroids(k: torch.Tensor, plan_blocks: BlockLayout, own: Ownership, 
 
 def make_plan(q, k, blocks, own, topk, strategy, group, rank, world) -> CPPlan:
     """Centroids, routing, strategy choice and (selective) request exchange."""
-    centroids = global_centroids(k, blocks, own, group)
     tok = blocks.token_block[own.positions]
+    centroids = global_centroids(k, blocks, tok, group)
     sel = select_blocks(q, centroids, tok, blocks.block_seq_first[tok], topk)
     hkv = k.shape[1]
     triples = needed_requests(sel, own.positions, hkv, blocks.num_blocks)
@@ -111,6 +113,9 @@ def make_plan(q, k, blocks, own, topk, strategy, group, rank, world) -> CPPlan:
     )  # fmt: skip
     if strategy == "selective":
         _exchange_requests(plan, triples, dest, table[:, 2:].tolist(), k.device)
+    else:
+        # The all-gather key set: every position held by another rank, ascending.
+        plan.remote_pos = (own.owner != rank).nonzero().squeeze(1)
     return plan
 
 
@@ -169,14 +174,9 @@ def _assemble_selective(plan, recv, work, hkv, d) -> Fetched:
     return Fetched(k=kv[..., :d], v=kv[..., d:], keys=plan.fetched_keys)
 
 
-def remote_positions(plan: CPPlan) -> torch.Tensor:
-    """All positions held by other ranks, ascending (the allgather key set)."""
-    return (plan.own.owner != plan.rank).nonzero().squeeze(1)
-
-
 def _assemble_allgather(plan, gathered, work, d) -> Fetched:
     work.wait()
-    pos = remote_positions(plan)
+    pos = plan.remote_pos
     # gathered [P, T_local, Hkv, 2D]: owner r's row i is global token owner==r, local_index==i.
     kv = gathered[plan.own.owner[pos], plan.own.local_index[pos]]
     return Fetched(k=kv[..., :d], v=kv[..., d:], keys=keys_from_positions(pos, plan.blocks))
@@ -204,7 +204,7 @@ def return_grads(plan: CPPlan, dk_f, dv_f, dk, dv) -> int:
 
 
 def _return_allgather(plan, dk_f, dv_f, dk, dv) -> int:
-    pos = remote_positions(plan)
+    pos = plan.remote_pos
     tl = dk.shape[0]
     buf = dk.new_zeros(plan.world, tl, *dk.shape[1:-1], 2 * dk.shape[-1])
     buf[plan.own.owner[pos], plan.own.local_index[pos]] = torch.cat([dk_f, dv_f], -1)
