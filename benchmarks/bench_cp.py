@@ -3,6 +3,14 @@ against dense causal context parallelism (all-gather K/V + PyTorch's FA2), slowe
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 benchmarks/bench_cp.py --cases weak-64k,1m
 
+Overhead of the CP runtime (issue 14), one process, the exchange path running with nothing to
+send: the local op against ``MoBAContextParallel`` (context built outside, ``selective``), fwd+bwd
+median ms, ratio, and host synchronizations per call counted with
+``torch.cuda.set_sync_debug_mode`` for both:
+
+    python benchmarks/bench_cp.py --overhead --out benchmarks/results/cp_overhead
+    python benchmarks/bench_cp.py --overhead --tiny --device cpu --out /tmp/ovh   # smoke run
+
 Correctness (small sizes): every rank compares its shard of out/dq/dk/dv (bf16) with the
 single-GPU op on the gathered input; the error must stay within 2x that of the bf16 reference
 backend against float32. Timings: fresh random local shards, warm-up, median of ``--reps`` CUDA-
@@ -24,7 +32,7 @@ import torch.distributed as dist
 
 from moba_dist import MoBAContextParallel, moba_attn_varlen
 from moba_dist.kernels.flash import flash_varlen_bwd, flash_varlen_fwd
-from moba_dist.parallel import local_positions, shard
+from moba_dist.parallel import CPContext, local_positions, shard
 
 # name: (tokens per GPU or global with "global", block, topk); Hq=32, Hkv=8, D=128 throughout.
 CASES = {
@@ -213,12 +221,117 @@ def run_case(name, layout, rank, world, reps) -> list[dict]:
     return rows
 
 
+# The three cases of issue 14: (tokens, Hq, Hkv, block, topk); D = 128.
+OVERHEAD_CASES = {
+    "64k-gqa-k8": (65536, 32, 8, 512, 8),
+    "16k-gqa-k3": (16384, 32, 8, 512, 3),
+    "128k-mha-k3": (131072, 16, 16, 512, 3),
+}
+TINY_CASES = {"tiny-gqa-k3": (256, 4, 2, 32, 3)}
+
+
+def count_syncs(fn) -> int | None:
+    """Host synchronizations of one ``fn()`` (CUDA sync-debug warnings); None on CPU."""
+    if not torch.cuda.is_available():
+        fn()
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def wall_ms(fn, reps: int) -> float:
+    """Median ms of ``fn``: CUDA events on GPU, perf_counter on CPU."""
+    if torch.cuda.is_available():
+        return time_ms(fn, reps)
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def overhead_case(name, shape, device, dtype, backend, reps) -> dict:
+    tokens, hq, hkv, block, topk = shape
+    d = 16 if tokens <= 4096 else D
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda h: torch.randn(tokens, h, d, device=device, dtype=dtype, generator=g)  # noqa: E731
+    q, k, v, dout = (mk(h).requires_grad_(i < 3) for i, h in enumerate((hq, hkv, hkv, hq)))
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    ctx = CPContext.build(cu, moba_chunk_size=block)
+    mod = MoBAContextParallel(block, topk, strategy="selective", backend=backend)
+
+    def local():
+        out = moba_attn_varlen(q, k, v, cu, tokens, moba_chunk_size=block, moba_topk=topk,
+                               backend=backend)  # fmt: skip
+        out.backward(dout)
+
+    def cp():
+        mod(q, k, v, ctx).backward(dout)
+
+    row = {"case": name, "T": tokens, "Hq": hq, "Hkv": hkv, "D": d, "block": block,
+           "topk": topk, "backend": backend, "device": str(device)}  # fmt: skip
+    row["local_ms"], row["cp_ms"] = wall_ms(local, reps), wall_ms(cp, reps)
+    row["ratio"] = row["cp_ms"] / row["local_ms"]
+    row["local_syncs"], row["cp_syncs"] = count_syncs(local), count_syncs(cp)
+    row["strategy"] = mod.last_stats["strategy"]
+    row["bytes_received"] = mod.last_stats["bytes_received"]
+    return row
+
+
+def overhead(args) -> None:
+    """World size 1: local op vs the CP module on the same tensors (issue 14's table)."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(0)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=0, world_size=1)
+    dtype = torch.bfloat16 if use_cuda else torch.float32
+    backend = "auto" if use_cuda else "reference"
+    cases = TINY_CASES if args.tiny else OVERHEAD_CASES
+    rows = [overhead_case(n, c, device, dtype, backend, args.reps) for n, c in cases.items()]
+    lines = ["| case | local op ms | CP module ms | ratio | syncs local | syncs CP |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['local_ms']:.2f} | {r['cp_ms']:.2f} | "
+                     f"{r['ratio']:.3f} | {r['local_syncs']} | {r['cp_syncs']} |")  # fmt: skip
+    gpu = torch.cuda.get_device_name() if use_cuda else "cpu"
+    with open(args.out + ".json", "w") as f:
+        json.dump({"device": gpu, "rows": rows}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(f"fwd+bwd, world size 1, {gpu}\n\n" + "\n".join(lines) + "\n")
+    print(f"{gpu}\n" + "\n".join(lines), flush=True)
+    dist.destroy_process_group()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--layouts", default="contiguous,zigzag")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--overhead", action="store_true", help="world-size-1 overhead table only")
+    p.add_argument("--tiny", action="store_true", help="with --overhead: a tiny CPU smoke case")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", default="benchmarks/results/cp_overhead",
+                   help="with --overhead: path prefix of the .json and .md written")  # fmt: skip
     args = p.parse_args()
+    if args.overhead:
+        overhead(args)
+        return
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=10))
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -12,8 +12,10 @@ concentration alpha). Time of one layer on rank r (then the slowest rank):
                + hop_dkv  (dense CP: P steps of causal attention c, c_b against one rank's KV)
 
 a_r = locally held share of attended keys. Collective: max(intra / bw_nvlink, inter / bw_net)
-over each rank's bytes + latency. Kernels: useful FLOPs / throughput from ``bench_local.py``
-tables (else constants, labelled ASSUMED). Assumptions: docs/scale_model.md.
+over each rank's bytes + latency. Kernels: useful FLOPs / throughput from the benchmark tool's
+``results/<gpu>/<date>/rows.json`` (``python -m benchmarks.moba_bench local``; older flat
+``results/<gpu>*.json`` tables as a fallback), else constants, labelled ASSUMED. Assumptions:
+docs/scale_model.md.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ AUTO_ALLGATHER_FRACTION = 0.5  # moba_dist.parallel.exchange: auto all-gathers a
 # else these constants, labelled ASSUMED: the interim H100 runs at B=4096, K=12 rounded.
 _HOPPER = dict(nvlink=360.0, net=40.0, node=8, lat_us=30.0, dense=(450.0, 320.0),
                moba=(170.0, 95.0), gate=1.2)  # fmt: skip
-PRESETS = {"h100": dict(_HOPPER, tables=("nvidia-h100*.json",)),
-           "h200": dict(_HOPPER, tables=("nvidia-h200*.json", "nvidia-h100*.json"))}  # fmt: skip
+_H100, _H200 = ("nvidia-h100*/*/rows.json", "nvidia-h100*.json"), ("nvidia-h200*/*/rows.json",
+                                                                "nvidia-h200*.json")  # fmt: skip
+PRESETS = {"h100": dict(_HOPPER, tables=_H100), "h200": dict(_HOPPER, tables=_H200 + _H100)}
 KINDS = ("moba_fwd", "moba_fwdbwd", "dense_fwd", "dense_fwdbwd", "gate")
 MOBA_BACKENDS = ("triton", "triton-raw")  # table rows of the MoBA op with the torch gate
 
@@ -75,8 +78,16 @@ class Compute:
         return flops / (tflops * 1e9)
 
 
+def _kernel_rows(data) -> list[dict]:
+    """Single-sequence op rows of a ``rows.json`` run (schema 1) or of a legacy flat table."""
+    if isinstance(data, dict):
+        return [r for r in data.get("rows", []) if r.get("job") == "local" and r.get("kind") == "op"
+                and r.get("nseq", 1) == 1 and "T" in r]  # fmt: skip
+    return [r for r in data if "T" in r]
+
+
 def _table_rows(patterns, table: str | None) -> tuple[list[dict], list[str]]:
-    """bench_local.py rows of ``table`` or of the first pattern's files (newer rows win)."""
+    """Kernel rows of ``table`` or of the first pattern's files (newer rows win)."""
     files = [table] if table else []
     for pat in () if table else patterns:
         files = files or sorted((f for f in glob.glob(str(RESULTS / pat)) if "_tune" not in f),
@@ -84,10 +95,10 @@ def _table_rows(patterns, table: str | None) -> tuple[list[dict], list[str]]:
     rows: dict = {}
     for f in files:
         try:
-            rows.update({(r["case"], r["backend"]): r for r in json.loads(Path(f).read_text())
-                         if "T" in r})  # fmt: skip
+            data = json.loads(Path(f).read_text())
+            rows.update({(r["case"], r["backend"]): r for r in _kernel_rows(data)})
         except (ValueError, TypeError, KeyError) as e:
-            raise SystemExit(f"error: {f} is not a bench_local.py table ({e!r})") from None
+            raise SystemExit(f"error: {f} is not a benchmark rows table ({e!r})") from None
     return list(rows.values()), files
 
 
@@ -107,7 +118,8 @@ def _table_points(rows: list[dict], d: int, block: int, backends) -> dict[str, l
     for case in sorted({r["case"] for r in moba}):
         r, rs = next(r for r in moba if r["case"] == case), [r for r in moba if r["case"] == case]
         keys = cm.rank_keys(cm.build_geometry([r["T"]], r["block"], 1, "contiguous"), r["topk"])
-        f, gate_ms = 4.0 * r["D"] * r["Hq"] * keys["moba"][0], r.get("gate_torch_ms") or 0.0
+        gate_ms = r.get("gate_ms", r.get("gate_torch_ms")) or 0.0
+        f = 4.0 * r["D"] * r["Hq"] * keys["moba"][0]
         for kind, mult, key in (("moba_fwd", 1.0, "fwd_ms"), ("moba_fwdbwd", 3.5, "fwdbwd_ms")):
             best = min((x[key] for x in rs if x.get(key)), default=None)
             add(kind, mult * f, best and best - gate_ms)
@@ -388,7 +400,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("moba", "dense"):
         h.add_argument(f"--{name}-tflops", type=_num(float, 2), metavar="FWD,FWDBWD",
                        help="useful TFLOP/s where the table has no points (assumed)")  # fmt: skip
-    h.add_argument("--table", help="bench_local.py json (default: results/<gpu preset>*.json)")
+    h.add_argument("--table", help="a rows.json of the benchmark tool (default: the newest "
+                   "results/<gpu preset>*/*/rows.json)")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("project", parents=[common], help="one case, all strategies")

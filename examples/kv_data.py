@@ -1,4 +1,4 @@
-"""Data for train_cp.py: a long-context retrieval task made on the fly, or a text file.
+"""Data for train_cp.py: a long-context retrieval task made on the fly, and text windows.
 
 Retrieval: filler tokens with ``pairs`` facts scattered through the body of each sequence, fact
 ``c`` being one token ``VALUE(c, v)`` (class c, value v), and ``queries`` questions at the end,
@@ -17,7 +17,7 @@ FILLER = (8, 64)
 NUM_CLASSES, NUM_VALUES = 8, 8
 QUERY = 64  # QUERY(c) = QUERY + c
 VALUE = QUERY + NUM_CLASSES  # VALUE(c, v) = VALUE + c * NUM_VALUES + v
-VOCAB = 256  # also the byte vocabulary of --data
+VOCAB = 256  # also the byte vocabulary of text data (examples/lm_corpus.py)
 VALUES = (0, NUM_VALUES)  # chance = 1 / (VALUES[1] - VALUES[0])
 
 
@@ -58,9 +58,3 @@ def text_batch(
     mask = torch.ones(batch, seq_len, dtype=torch.bool)
     mask[:, -1] = False  # the last position has no next token inside the window
     return tokens, mask
-
-
-def load_text(path: str) -> torch.Tensor:
-    """Bytes of a text file as int64 tokens (vocabulary 256, within VOCAB)."""
-    with open(path, "rb") as f:
-        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).long()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from devices import select_devices
 from torch.distributed.device_mesh import init_device_mesh
 
 from moba_dist.kernels.blocks import BlockLayout
@@ -30,6 +31,7 @@ class Dist:
     backend: str
     cp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    dtype: torch.dtype = torch.float32  # bfloat16 on CUDA (autocast), float32 on the CPU
 
     def sum_world(self, x: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor over all ranks (moved to the device NCCL needs and back)."""
@@ -47,25 +49,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_dist(dp: int) -> Dist:
-    """Initialise torch.distributed (torchrun's env, or a 1-process world when run directly)."""
+def setup_dist(dp: int, device: str = "auto", backend: str = "auto") -> Dist:
+    """Initialise torch.distributed (torchrun's env, or a 1-process world when run directly).
+
+    Device, backend and dtype come from examples/devices.py's shared decision (one GPU per rank
+    with NCCL when there are enough GPUs, else gloo on the CPU); rank 0 prints it in one line.
+    A choice that cannot run exits with the fix, before any CUDA call.
+    """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    plan, index = select_devices(device, backend, prog="setup_dist")
+    dist.init_process_group(plan.backend, timeout=datetime.timedelta(minutes=10))
     world = dist.get_world_size()
     if dp < 1 or world % dp:
         raise SystemExit(f"--dp must divide the world size {world}, got {dp}")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    mesh = init_device_mesh(device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"))
+    dev = torch.device("cpu") if index is None else torch.device("cuda", index)
+    mesh = init_device_mesh(dev.type, (dp, world // dp), mesh_dim_names=("dp", "cp"))
     return Dist(
         rank=dist.get_rank(), world=world, dp=dp, cp=world // dp,
-        dp_rank=mesh.get_local_rank("dp"), cp_rank=mesh.get_local_rank("cp"), device=device,
-        backend=backend, cp_group=mesh.get_group("cp"), dp_group=mesh.get_group("dp"),
+        dp_rank=mesh.get_local_rank("dp"), cp_rank=mesh.get_local_rank("cp"), device=dev,
+        backend=plan.backend, cp_group=mesh.get_group("cp"), dp_group=mesh.get_group("dp"),
+        dtype=getattr(torch, plan.dtype),
     )  # fmt: skip
 
 

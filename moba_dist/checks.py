@@ -9,7 +9,14 @@ import itertools
 
 import torch
 
-__all__ = ["check_attention_inputs", "check_cu_seqlens", "check_max_seqlen"]
+__all__ = [
+    "check_attention_inputs",
+    "check_batched_layout",
+    "check_cu_seqlens",
+    "check_cu_seqlens_meta",
+    "check_max_seqlen",
+    "check_max_seqlen_type",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -63,8 +70,26 @@ def check_attention_inputs(
     return q, k, v
 
 
-def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device) -> list[int]:
-    """Check ``cu_seqlens`` (1-D int32, 0 = cu[0] < ... < cu[-1] = T); return it as host ints."""
+def check_batched_layout(
+    q: object, k: object, v: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`check_attention_inputs` for ``[B, S, H, D]``, first catching what reveals a
+    ``[B, H, S, D]`` (SDPA-layout) input: q and k agreeing on dim 2 but not on dim 1 is exactly
+    what equal sequence lengths with different head counts look like in that layout."""
+    if all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k)):
+        qs, ks = q.shape, k.shape  # type: ignore[union-attr]
+        if qs[0] == ks[0] and qs[1] != ks[1] and qs[2] == ks[2] and qs[1] % ks[1] == 0:
+            raise ValueError(
+                "moba_attn_func takes [B, S, H, D] (sequence before heads); q "
+                f"{tuple(qs)} and k {tuple(ks)} differ on dim 1 only, which looks like "
+                "[B, H, S, D]: pass q.transpose(1, 2) etc., or use moba_attn_varlen"
+            )
+    return check_attention_inputs(q, k, v, "[B, S, H, D]")
+
+
+def check_cu_seqlens_meta(cu_seqlens: object, device: torch.device) -> torch.Tensor:
+    """The checks of ``cu_seqlens`` that need no device read: type, int32, 1-D with >= 2
+    entries, on q's device (the values are checked by :func:`check_cu_seqlens`)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -75,14 +100,20 @@ def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device) -> li
         )
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens must be on q's device {device}, got {cu_seqlens.device}")
-    cu = cu_seqlens.tolist()
+    return cu_seqlens
+
+
+def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device) -> list[int]:
+    """Check ``cu_seqlens`` (1-D int32, 0 = cu[0] <= ... <= cu[-1] = T; a repeated offset is an
+    empty sequence); return it as host ints (one device-to-host read)."""
+    cu = check_cu_seqlens_meta(cu_seqlens, device).tolist()
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {cu[0]}")
-    bad = next((i for i in range(1, len(cu)) if cu[i] <= cu[i - 1]), None)
+    bad = next((i for i in range(1, len(cu)) if cu[i] < cu[i - 1]), None)
     if bad is not None:
         raise ValueError(
-            "cu_seqlens must be strictly increasing (no empty sequences), got "
-            f"cu_seqlens[{bad - 1}] = {cu[bad - 1]} >= cu_seqlens[{bad}] = {cu[bad]}"
+            "cu_seqlens must be non-decreasing (repeated offsets, empty sequences, are allowed), "
+            f"got cu_seqlens[{bad - 1}] = {cu[bad - 1]} > cu_seqlens[{bad}] = {cu[bad]}"
         )
     if cu[-1] != total:
         raise ValueError(
@@ -92,15 +123,21 @@ def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device) -> li
     return cu
 
 
-def check_max_seqlen(max_seqlen: object, cu: list[int]) -> int:
-    """``max_seqlen`` must be an int >= the longest sequence of ``cu``."""
-    longest = max(b - a for a, b in itertools.pairwise(cu))
+def check_max_seqlen_type(max_seqlen: object) -> int:
+    """``max_seqlen`` must be an int (its bound is checked against the offsets later)."""
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(
             f"max_seqlen must be an int, got {type(max_seqlen).__name__} {max_seqlen!r}"
         )
-    if max_seqlen < longest:
+    return max_seqlen
+
+
+def check_max_seqlen(max_seqlen: object, cu: list[int]) -> int:
+    """``max_seqlen`` must be an int >= the longest sequence of ``cu``."""
+    longest = max(b - a for a, b in itertools.pairwise(cu))
+    check_max_seqlen_type(max_seqlen)
+    if max_seqlen < longest:  # type: ignore[operator]
         raise ValueError(
             f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}"
         )
-    return max_seqlen
+    return max_seqlen  # type: ignore[return-value]

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from dist_utils import run_world
 
 from moba_dist import MoBAContextParallel, moba_attn_varlen
-from moba_dist.parallel import moba_cp_attn_varlen, pad_for_cp, shard
+from moba_dist.parallel import CPContext, moba_cp_attn_varlen, pad_for_cp, shard
 
 pytestmark = pytest.mark.dist
 
@@ -120,9 +120,9 @@ def _concentrated_worker(rank, world):
     q, k, v, _, cu = make_global(lens, seed=3)
     q = q.abs()
     k[:block] = 5.0
-    lq, lk, lv = (shard(x, cu, rank=rank, world_size=world) for x in (q, k, v))
+    lq, lk, lv = (shard(x, cu, rank=rank, world_size=world).requires_grad_() for x in (q, k, v))
     mod = MoBAContextParallel(block, 2, strategy="selective", backend="reference")
-    mod(lq, lk, lv, cu)
+    mod(lq, lk, lv, cu).sum().backward()
     t_local = 64
     start = rank * t_local
     rows = 0 if rank == 0 else block  # block 0 lives on rank 0
@@ -131,6 +131,12 @@ def _concentrated_worker(rank, world):
     row_bytes = 2 * D * 8  # K and V, float64
     assert mod.last_stats["bytes_received"] == rows * HKV * row_bytes, mod.last_stats
     assert mod.last_stats["strategy"] == "selective"
+    # Backward: the same rows are fetched again, and dK/dV rows go back to their owners. Rank 0
+    # serves block 0 to each of the world - 1 others; own blocks start on the rank (64 % 8 == 0),
+    # so nothing else is served. Gradients are float64 here, rows as wide as K/V rows.
+    served = (world - 1) * block if rank == 0 else 0
+    assert mod.last_stats["bwd_bytes_received"] == (rows + served) * HKV * row_bytes
+    assert mod.last_stats["bwd_bytes_sent"] == (served + rows) * HKV * row_bytes
     ag = MoBAContextParallel(block, 2, strategy="allgather", backend="reference")
     ag(lq, lk, lv, cu)
     assert ag.last_stats["bytes_received"] == (world - 1) * t_local * HKV * row_bytes
@@ -161,7 +167,9 @@ def _checkpoint_and_determinism_worker(rank, world):
     for a, b in zip(grads[0], grads[2], strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert mod.last_recompute_stats, "recompute must report its own stats"
-    assert mod.last_stats["bwd_bytes_received"] >= 0
+    # The recomputed forward routes exactly as the first one, so it moves the same bytes.
+    for key in ("strategy", "bytes_sent", "bytes_received"):
+        assert mod.last_recompute_stats[key] == mod.last_stats[key], key
     # Inside torch.compile the op is a graph break, never an error, and the result is unchanged.
     leaves = [shard(x, cu, **sh).clone().requires_grad_() for x in (q, k, v)]
     out = torch.compile(lambda a, b, c: mod(a * 1.0, b, c, cu) * 2.0, backend="aot_eager")(*leaves)
@@ -203,3 +211,54 @@ def _padding_worker(rank, world):
 
 def test_padding_for_cp():
     run_world(2, _padding_worker)
+
+
+def _context_worker(rank, world):
+    # One CPContext per batch, shared by two layers, gives bitwise the result of cu_seqlens.
+    q, k, v, _, cu = make_global(seq_lens(world, "zigzag"), seed=11)
+    sh = dict(rank=rank, world_size=world, layout="zigzag")
+    ctx = CPContext.build(cu, moba_chunk_size=5, layout="zigzag")
+    assert (ctx.rank, ctx.world, ctx.num_tokens) == (rank, world, int(cu[-1]))
+    layers = [MoBAContextParallel(5, k_, layout="zigzag", backend="reference") for k_ in (2, 3)]
+    lq, lk, lv = (shard(x, cu, **sh) for x in (q, k, v))
+    for layer in layers:
+        assert torch.equal(layer(lq, lk, lv, ctx), layer(lq, lk, lv, cu))
+    # A context built for another chunk size or layout is refused on every rank.
+    with pytest.raises(ValueError, match=r"moba_chunk_size=5, the layer uses moba_chunk_size=4"):
+        MoBAContextParallel(4, 2, layout="zigzag", backend="reference")(lq, lk, lv, ctx)
+    with pytest.raises(ValueError, match=r"layout='zigzag', the layer uses layout='contiguous'"):
+        MoBAContextParallel(5, 2, backend="reference")(lq, lk, lv, ctx)
+    # Ranks disagreeing on the batch raise at build time, all of them.
+    bad = cu.clone()
+    if rank == 1:
+        bad[1] += 2 * world
+        bad[2] += 2 * world
+    with pytest.raises(ValueError, match="cu_seqlens_hash"):
+        CPContext.build(bad, moba_chunk_size=5, layout="zigzag")
+
+
+def test_context_built_once_per_batch():
+    run_world(2, _context_worker)
+
+
+def _empty_sequence_worker(rank, world):
+    # Repeated offsets (empty sequences) anywhere, including first and last, contribute
+    # nothing: CP on the batch with them equals the reference on the batch without them.
+    for layout in ("contiguous", "zigzag"):
+        q, k, v, dout, cu = make_global(seq_lens(world, layout), seed=13)
+        want = reference(q, k, v, dout, cu, 4, 2)
+        c = cu.tolist()
+        cu_empty = torch.tensor([0, 0, c[1], c[1], *c[2:], c[-1]], dtype=torch.int32)
+        sh = dict(rank=rank, world_size=world, layout=layout)
+        lq, lk, lv = (shard(x, cu, **sh).clone().requires_grad_() for x in (q, k, v))
+        out = moba_cp_attn_varlen(
+            lq, lk, lv, cu_empty, moba_chunk_size=4, moba_topk=2, layout=layout,
+            backend="reference",
+        )  # fmt: skip
+        out.backward(shard(dout, cu, **sh))
+        for a, b in zip([out, lq.grad, lk.grad, lv.grad], [want[0], *want[2:]], strict=True):
+            torch.testing.assert_close(a, shard(b, cu, **sh), **TOL)
+
+
+def test_empty_sequences_contribute_nothing():
+    run_world(2, _empty_sequence_worker)

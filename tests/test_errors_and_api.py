@@ -42,9 +42,9 @@ BAD = {
     "cu-2d": (dict(cu=torch.tensor([[0, 12]], dtype=torch.int32)), ValueError, "1-D"),
     "cu-start": (dict(cu=torch.tensor([1, 12], dtype=torch.int32)), ValueError, "start at 0"),
     "cu-order": (
-        dict(cu=torch.tensor([0, 6, 6, 12], dtype=torch.int32)),
+        dict(cu=torch.tensor([0, 7, 6, 12], dtype=torch.int32)),
         ValueError,
-        "strictly increasing",
+        r"non-decreasing .*cu_seqlens\[1\] = 7 > cu_seqlens\[2\] = 6",
     ),
     "cu-end": (
         dict(cu=torch.tensor([0, 5, 11], dtype=torch.int32)),
@@ -94,8 +94,21 @@ def test_public_api_is_pinned():
         ["MoBAConfig", "MoBAContextParallel", "__version__", "moba_attn_func", "moba_attn_varlen"]
     )
     assert sorted(moba_dist.parallel.__all__) == sorted(
-        ["LAYOUTS", "CPPadding", "check_layout", "local_positions", "moba_cp_attn_varlen",
-         "pad_for_cp", "shard", "unshard"]
+        ["LAYOUTS", "CPContext", "CPPadding", "check_layout", "local_positions",
+         "moba_cp_attn_varlen", "pad_for_cp", "shard", "unshard"]
     )  # fmt: skip
     for name in moba_dist.__all__:
         assert getattr(moba_dist, name) is not None
+
+
+def test_kernel_configs_are_frozen_and_validated():
+    from moba_dist.kernels import BwdConfig, FwdConfig, TileConfig
+
+    with pytest.raises(ValueError, match="partial_dtype must be None, float16, bfloat16"):
+        FwdConfig(partial_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"TileConfig\.block_m must be an int >= 1, got 0"):
+        TileConfig(0, 64, 4, 2)
+    with pytest.raises(ValueError, match=r"BwdConfig\.slab_elems must be an int >= 1"):
+        BwdConfig(slab_elems=0)
+    with pytest.raises(AttributeError):
+        FwdConfig().chunk_elems = 1  # type: ignore[misc]

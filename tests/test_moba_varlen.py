@@ -172,3 +172,84 @@ def test_auto_backend_on_cpu_is_reference():
     a = moba_attn_varlen(q, k, v, cu, 10, moba_chunk_size=4, moba_topk=2)
     b = moba_attn_varlen(q, k, v, cu, 10, moba_chunk_size=4, moba_topk=2, backend="reference")
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_empty_sequences_contribute_nothing():
+    # Repeated offsets (empty sequences, as padding-free collators emit) change nothing: the
+    # result equals the same tokens packed without them, and the float64 oracle.
+    q, k, v, cu = make_inputs([5, 12, 9], 4, 2)
+    cu_empty = torch.tensor([0, 0, 5, 5, 17, 26, 26], dtype=torch.int32)
+    got, want = run_both(q, k, v, cu_empty, 4, 2)
+    plain, _ = run_both(q, k, v, cu, 4, 2)
+    for name, a, b, c in zip(["out", "lse", "dq", "dk", "dv"], got, want, plain, strict=True):
+        tol = TOL32 if name == "lse" else TOL64  # lse is float32 by contract
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, n=name: f"{n}: {m}")
+        assert torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("cu", [[0, 0], [0, 0, 0]], ids=["one-empty", "two-empty"])
+def test_zero_tokens_give_empty_outputs(cu):
+    q, k, v = (torch.randn(0, h, 16, requires_grad=True) for h in (4, 2, 2))
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    out, lse = moba_attn_varlen(
+        q, k, v, cu_t, 0, moba_chunk_size=4, moba_topk=2, return_lse=True, backend="reference"
+    )
+    assert out.shape == (0, 4, 16) and lse.shape == (4, 0) and lse.dtype == torch.float32
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 6)], ids=["S0", "B0"])
+def test_batched_empty_gives_empty_outputs(shape):
+    b, s = shape
+    q, k, v = (torch.randn(b, s, h, 16) for h in (4, 2, 2))
+    out, lse = moba_attn_func(q, k, v, moba_chunk_size=4, moba_topk=2, return_lse=True)
+    assert out.shape == (b, s, 4, 16) and lse.shape == (b, 4, s)
+
+
+def test_batched_form_rejects_bhsd_when_heads_differ():
+    # [B, H, S, D] tensors with Hq != Hkv differ on dim 1 only: reported as the wrong layout.
+    q, k = torch.randn(2, 4, 12, 16), torch.randn(2, 2, 12, 16)
+    with pytest.raises(ValueError, match=r"\[B, S, H, D\].*looks like\s+\[B, H, S, D\]"):
+        moba_attn_func(q, k, k, moba_chunk_size=4, moba_topk=2)
+
+
+def test_lse_gradient_matches_oracle():
+    # A loss on lse as well as out: d lse / d s = p enters the backward as delta - dlse. The
+    # float64 oracle's autograd is the independent expectation.
+    q, k, v, cu = make_inputs([7, 13], 4, 2)
+    g = torch.Generator().manual_seed(3)
+    w_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    w_lse = torch.randn(4, q.shape[0], generator=g, dtype=torch.float64)
+    grads = []
+    for use_lib in (True, False):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        if use_lib:
+            out, lse = moba_attn_varlen(
+                *leaves, cu, 13, moba_chunk_size=4, moba_topk=2, return_lse=True,
+                backend="reference",
+            )  # fmt: skip
+            lse = lse.double()
+        else:
+            out, lse = naive_moba(*leaves, cu.tolist(), 4, 2)
+        ((out * w_out).sum() + (lse * w_lse).sum()).backward()
+        grads.append([x.grad for x in leaves])
+    for name, a, b in zip(["dq", "dk", "dv"], *grads, strict=True):
+        # The public lse is float32, so the gradient reaching it is rounded to float32 (relative
+        # 6e-8) before the float64 backward: 1e-6 is ~10x that on O(1) values, while dropping
+        # the dlse term entirely is an O(1) error.
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_lse_only_loss_has_gradient():
+    # Only lse used: out's gradient is absent (None inside the backward), not an error.
+    q, k, v, cu = make_inputs([9], 2, 2)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    _, lse = moba_attn_varlen(*leaves, cu, 9, moba_chunk_size=4, moba_topk=2, return_lse=True)
+    lse.sum().backward()
+    ref = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    naive_moba(*ref, cu.tolist(), 4, 2)[1].sum().backward()
+    for a, b in zip(leaves, ref, strict=True):
+        # lse does not depend on v: either side may leave v.grad None or give zeros.
+        ga, gb = (x.grad if x.grad is not None else torch.zeros_like(x) for x in (a, b))
+        torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-6)  # as above

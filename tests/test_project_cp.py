@@ -290,3 +290,30 @@ def test_cli_help_and_small_runs(tmp_path, capsys):
     assert "| 1,048,576 | 16 |" in out.with_suffix(".md").read_text()
     pytest.importorskip("matplotlib")
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_kernel_tables_come_from_a_bench_tool_run(tmp_path):
+    from benchmarks.moba_bench.report import write_run
+
+    t, hq, d, block, topk = 65536, 8, 128, 4096, 4
+    base = dict(job="local", kind="op", T=t, nseq=1, Hq=hq, Hkv=hq, D=d, block=block, topk=topk)
+    rows = [
+        dict(base, case="c", backend="triton", fwd_ms=4.0, fwdbwd_ms=10.0, gate_ms=1.0,
+             dense_fwd_ms=8.0, dense_fwdbwd_ms=20.0),
+        dict(base, case="c", backend="dense-fa2", fwd_ms=8.0, fwdbwd_ms=20.0, dense_fwd_ms=8.0,
+             dense_fwdbwd_ms=20.0),
+        dict(base, case="packed", backend="triton", nseq=2, fwd_ms=1.0),  # not one sequence
+        dict(job="decode", case="d", backend="triton", step_ms=1.0),  # not a kernel table row
+    ]  # fmt: skip
+    write_run(tmp_path / "run", dict(job="local", command="x", commit="c0", gpu="g",
+                                     started="now"), rows)  # fmt: skip
+    comp = project_cp.load_compute(project_cp.PRESETS["h200"], str(tmp_path / "run/rows.json"),
+                                   d, block, project_cp.MOBA_BACKENDS, {})  # fmt: skip
+    keys = cm.rank_keys(cm.build_geometry([t], block, 1, "contiguous"), topk)
+    flops = 4.0 * d * hq * keys["moba"][0]
+    assert all(v.startswith("measured, 1 points") for v in comp.labels.values()), comp.labels
+    # MoBA forward without its gate: 4 - 1 ms; fwd+bwd: 3.5x the FLOPs over 10 - 1 ms.
+    np.testing.assert_allclose(comp.ms("moba_fwd", np.array([flops])), [3.0], rtol=1e-9)
+    np.testing.assert_allclose(comp.ms("moba_fwdbwd", np.array([3.5 * flops])), [9.0], rtol=1e-9)
+    dense = 4.0 * d * hq * t * (t + 1) / 2
+    np.testing.assert_allclose(comp.ms("dense_fwdbwd", np.array([3.5 * dense])), [20.0])

@@ -38,10 +38,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moba_dist.ops import moba_attn_varlen
+from moba_dist.parallel import comm
 from moba_dist.parallel.cp import MoBAContextParallel
 from moba_dist.parallel.layouts import local_positions
 
@@ -123,7 +123,7 @@ def _resolve_cp_group(config: Any, cp_group: Any, pg_collection: Any) -> Any:
                 f"pg_collection (with .cp) or cp_group, got neither"
             )
         return None
-    size = dist.get_world_size(group)
+    size = comm.group_size(group)
     if cp_size > 1 and size != cp_size:
         raise ValueError(
             f"the CP group has {size} ranks but config.context_parallel_size = {cp_size}"
@@ -189,7 +189,7 @@ class MoBACoreAttention(nn.Module):
         if softmax_scale is None:
             softmax_scale = getattr(config, "softmax_scale", None)
         self.cp_group = _resolve_cp_group(config, cp_group, pg_collection)
-        self.cp_size = 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
+        self.cp_size = 1 if self.cp_group is None else comm.group_size(self.cp_group)
         # MoBAContextParallel validates every setting with messages naming it.
         self.attn = MoBAContextParallel(
             moba_chunk_size=_moba_setting("moba_chunk_size", moba_chunk_size, config),
@@ -311,7 +311,7 @@ class MoBACoreAttention(nn.Module):
         self, cu: torch.Tensor, real: torch.Tensor, out: torch.Tensor
     ) -> torch.Tensor:
         """``[t, 1, 1]`` mask: 1 where this rank's token is a real (not padding) token."""
-        rank = 0 if self.cp_group is None else dist.get_rank(self.cp_group)
+        rank = 0 if self.cp_group is None else comm.group_rank_and_size(self.cp_group)[0]
         layout = self.attn.layout if self.cp_size > 1 else "contiguous"
         pos = local_positions(cu.cpu(), rank=rank, world_size=self.cp_size, layout=layout)
         seq = torch.searchsorted(cu.cpu().long(), pos, right=True) - 1

@@ -62,9 +62,13 @@ def _triton_block_sums(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor | N
 
 
 def _triton_gate(q: torch.Tensor, centroids: torch.Tensor):
-    """The Triton top-k gate (same exact float32 scores and tie rule, 4x faster at 128K tokens
-    on an H100) when it can run: CUDA, float32 centroids, triton installed."""
-    if q.device.type != "cuda" or centroids.dtype != torch.float32:
+    """The fused Triton gate (``triton_gate.select_blocks_triton``: tensor-core scores of
+    float32 quality, running top-k on chip, no score stored) when it can run: CUDA, float32
+    centroids, fp16/bf16/fp32 queries, head dim a power of two >= 16, triton installed."""
+    d = q.shape[-1]
+    if q.device.type != "cuda" or centroids.dtype != torch.float32 or d < 16 or d & (d - 1):
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
     try:
         from moba_dist.kernels.triton_gate import select_blocks_triton
@@ -79,6 +83,8 @@ def select_blocks(
     q_block: torch.Tensor,
     q_seq_first: torch.Tensor,
     topk: int,
+    *,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """Route queries to blocks.
 
@@ -88,12 +94,17 @@ def select_blocks(
         q_block: ``[Tq]`` global id of each query's own block.
         q_seq_first: ``[Tq]`` id of the first block of each query's sequence.
         topk: K >= 1, blocks per query including the own block.
+        precision: score precision of the CUDA Triton gate: "float32" (default, float32-quality
+            scores) or the opt-ins "bf16x2" / "bf16" (see docs/routing.md). The torch path
+            (CPU, float64, other head dims) always scores exactly in :func:`gate_dtype`.
 
     Returns:
         ``sel [Tq, Hq, K]`` int32 (see module doc). Candidates of query t are the block ids in
         ``[q_seq_first[t], q_block[t])``. Works in query chunks: peak extra memory is
         ``_SCORE_BUDGET`` scores, whatever T is.
     """
+    if precision not in ("float32", "bf16x2", "bf16"):
+        raise ValueError(f"precision must be float32, bf16x2 or bf16, got {precision!r}")
     tq, hq, _ = q.shape
     n_blocks = centroids.shape[0]
     sel = torch.full((tq, hq, topk), -1, dtype=torch.int32, device=q.device)
@@ -102,7 +113,7 @@ def select_blocks(
         return sel
     fast = _triton_gate(q, centroids)
     if fast is not None:
-        return fast(q, centroids, q_block, q_seq_first, topk)
+        return fast(q, centroids, q_block, q_seq_first, topk, precision)
     chunk = max(1, _SCORE_BUDGET // (hq * n_blocks))
     with _exact_fp32():
         for c0 in range(0, tq, chunk):

@@ -19,20 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from moba_dist.kernels.plan_types import RoutedKeys, RoutedProblem
+
+# RoutedKeys is re-exported: the CP planner imports it from here.
 __all__ = ["RoutedKeys", "group_selections", "reference_routed_bwd", "reference_routed_fwd"]
-
-
-@dataclass(frozen=True)
-class RoutedKeys:
-    """Where each global block's rows sit in a key set ``k [Tk, Hkv, D]``.
-
-    ``block_rows [N + 1]`` (int64): rows of block j are ``block_rows[j]:block_rows[j + 1]`` (empty
-    when the key set holds none of block j). ``k_pos [Tk]`` (int64): global token position of
-    every key row, ascending.
-    """
-
-    block_rows: torch.Tensor
-    k_pos: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -79,13 +69,11 @@ def reference_routed_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_pos: torch.Tensor,
-    keys: RoutedKeys,
-    sel: torch.Tensor,
-    softmax_scale: float,
+    prob: RoutedProblem,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed attention forward: ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` -> ``out [Tq, Hq, D]``
     (q's dtype) and ``lse [Hq, Tq]`` float32 (float64 for float64 inputs)."""
+    q_pos, keys, sel, softmax_scale = prob.q_pos, prob.keys, prob.sel, prob.softmax_scale
     tq, hq, d = q.shape
     hkv = k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -121,18 +109,18 @@ def reference_routed_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    q_pos: torch.Tensor,
-    keys: RoutedKeys,
-    sel: torch.Tensor,
-    softmax_scale: float,
+    prob: RoutedProblem,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of routed attention over this key set, FlashAttention style.
 
     ``out`` and ``lse [Hq, Tq]`` are the *final* (merged) values of the whole attention, which may
     span several key sets: the probabilities ``exp(s - lse)`` and ``delta = rowsum(dout * out)``
     are then exact for this key set's share, so partial backwards sum to the full gradient.
-    Returns float32 (float64) ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]``.
+    ``dlse [Hq, Tq]`` is the gradient reaching lse, if any: ``d lse / d s = p``, so it enters
+    as ``delta - dlse``. Returns float32 (float64) ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]``.
     """
+    q_pos, keys, sel, softmax_scale = prob.q_pos, prob.keys, prob.sel, prob.softmax_scale
     tq, hq, d = q.shape
     hkv = k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -141,6 +129,8 @@ def reference_routed_bwd(
     lse_f = lse.t().reshape(tq * hq).to(acc)
     lse_f = torch.where(torch.isinf(lse_f), torch.full_like(lse_f, float("inf")), lse_f)
     delta = (dof * out.reshape(tq * hq, d).to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.t().reshape(tq * hq).to(acc)
     dq = torch.zeros(tq * hq, d, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)

@@ -23,39 +23,32 @@ import torch
 import triton
 import triton.language as tl
 
-from moba_dist.kernels.reference import RoutedKeys
-from moba_dist.kernels.triton_fwd import TileConfig, tile_config
-from moba_dist.kernels.triton_moba import EntryPlan, chunk_tiles, tile_table, token_chunks
+from moba_dist.kernels.plan_types import DEFAULT_BWD, BwdConfig, EntryPlan, RoutedProblem
+from moba_dist.kernels.triton_moba import chunk_tiles, tile_table, token_chunks
 
-__all__ = ["DKDV_CONFIG", "DQ_CONFIG", "bwd_all"]
+__all__ = ["bwd_all"]
 
 _LOG2E = 1.4426950408889634
 _PREP_ROWS = 32
 _GATHER_ROWS = 64
 _SUM_ROWS = 32
-# Gathered q + dout elements of one dK/dV slab (512 MiB in bf16).
-_SLAB_ELEMS = 1 << 28
-
-# Hopper defaults per head dim; benchmarks may overwrite.
-DKDV_CONFIG: dict[int, TileConfig] = {
-    64: TileConfig(64, 64, 4, 2),
-    128: TileConfig(64, 64, 4, 2),
-}
-DQ_CONFIG: dict[int, TileConfig] = {
-    64: TileConfig(64, 64, 4, 2),
-    128: TileConfig(64, 32, 4, 3),
-}
 
 
 @triton.jit
-def _prep_kernel(DO, OUT, LSE, LSE2, DELTA, TQ, HQ, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _prep_kernel(
+    DO, OUT, LSE, DLSE, LSE2, DELTA, TQ, HQ, n_rows,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DLSE: tl.constexpr,
+):  # fmt: skip
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     rv = r < n_rows
     dd = tl.arange(0, D)
     off = r[:, None] * D + dd[None, :]
     do = tl.load(DO + off, mask=rv[:, None], other=0.0).to(tl.float32)
     o = tl.load(OUT + off, mask=rv[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + r, tl.sum(do * o, 1), mask=rv)
+    delta = tl.sum(do * o, 1)
+    if HAS_DLSE:  # d lse / d s = p, so a gradient on lse enters as delta - dlse
+        delta -= tl.load(DLSE + (r % HQ) * TQ + r // HQ, mask=rv, other=0.0)
+    tl.store(DELTA + r, delta, mask=rv)
     lse = tl.load(LSE + (r % HQ) * TQ + r // HQ, mask=rv, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(LSE2 + r, lse2, mask=rv)
@@ -124,7 +117,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _dkdv_kernel(
     QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GOFF, GLO, GHI, NGROUP, NINDEX, DK, DV,
-    ACCK, ACCV, b0, scale_log2, scale, HKV,
+    ACCK, ACCV, RD_OFF, WR_OFF, b0, scale_log2, scale, HKV,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ACCUM: tl.constexpr,
 ):  # fmt: skip
@@ -135,7 +128,8 @@ def _dkdv_kernel(
     blk = grp // HKV
     kvh = grp % HKV
     r1 = tl.load(BROWS + blk + 1)
-    cols = tl.load(BROWS + blk) + tl.load(NINDEX + pid) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inblk = tl.load(NINDEX + pid) * BLOCK_N + tl.arange(0, BLOCK_N)  # row within the block
+    cols = tl.load(BROWS + blk) + inblk
     cvalid = cols < r1
     kpos = tl.load(KPOS + cols, mask=cvalid, other=0)
     dd = tl.arange(0, D)
@@ -166,16 +160,19 @@ def _dkdv_kernel(
     dk = dk * scale
     if ACCUM:
         # A group split over slabs (at most one per slab boundary) carries its partial dK/dV in
-        # the float32 scratch ACCK/ACCV (DK/DV themselves for float32 grads) from slab to slab,
-        # in launch order (deterministic); only its last slab rounds to DK's dtype once.
+        # float32 from slab to slab through a small scratch of [2, max block rows, D] (read from
+        # one half, write the other, alternating per slab: the group arriving and the group
+        # leaving a slab may differ), in launch order (deterministic); only its last slab
+        # stores to DK, rounding once.
+        coff = inblk[:, None] * D + dd[None, :]
         if tl.load(GLO + grp) != tl.load(GOFF + grp):  # started in an earlier slab
-            dk += tl.load(ACCK + koff, mask=cvalid[:, None], other=0.0)
-            dv += tl.load(ACCV + koff, mask=cvalid[:, None], other=0.0)
+            dk += tl.load(ACCK + RD_OFF + coff, mask=cvalid[:, None], other=0.0)
+            dv += tl.load(ACCV + RD_OFF + coff, mask=cvalid[:, None], other=0.0)
         # Ends in this slab? (else it continues in a later one); as a [BLOCK_N] vector mask.
         ends = (tl.load(GHI + grp) == tl.load(GOFF + grp + 1)).to(tl.int32) + 0 * cols
         carry = cvalid & (ends == 0)
-        tl.store(ACCK + koff, dk, mask=carry[:, None])
-        tl.store(ACCV + koff, dv, mask=carry[:, None])
+        tl.store(ACCK + WR_OFF + coff, dk, mask=carry[:, None])
+        tl.store(ACCV + WR_OFF + coff, dv, mask=carry[:, None])
         cvalid = cvalid & (ends != 0)
     tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=cvalid[:, None])
     tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=cvalid[:, None])
@@ -217,67 +214,79 @@ def _dq_kernel(
     tl.store(DQPART + local[:, None] * D + dd[None, :], dq * scale, mask=rv[:, None])
 
 
-def _dkdv(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, scale, dk, dv):
+def _max_block_rows(prob: RoutedProblem) -> int:
+    if prob.max_block_rows is not None:
+        return prob.max_block_rows
+    rows = prob.keys.block_rows
+    return int((rows[1:] - rows[:-1]).max()) if rows.numel() > 1 else 0  # one host sync
+
+
+def _dkdv(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg, dk, dv):
     """dK/dV over entry slabs: each slab's query rows are gathered into contiguous buffers first,
     then one launch covers every (group, key tile) with entries in the slab. Writes ``dk``,
     ``dv`` in place (accumulated in float32 across slabs when there are several)."""
     tk, hkv, d = k.shape
-    cfg = tile_config(DKDV_CONFIG, q)
+    tile = cfg.dkdv_tile(q)
+    keys = prob.keys
     # Valid entries come first in plan.comp; their count needs a host sync, so the slabs cover
     # all E entries instead (the sentinel tail, invalid slots, belongs to no group: its slab
     # rows are gathered but never read).
     n_ent = plan.num_entries
-    slab = max(cfg.block_m, _SLAB_ELEMS // (2 * d))
+    slab = max(tile.block_m, cfg.slab_elems // (2 * d))
     multi = n_ent > slab
-    # Float32 carry for groups split over slabs: every read row was written by an earlier slab,
-    # so the scratch needs no zero fill (and no copy back: the last slab stores to dk/dv).
-    f32 = dk.dtype == torch.float32
-    acc_k = dk if not multi or f32 else torch.empty(dk.shape, dtype=torch.float32, device=dk.device)
-    acc_v = dv if not multi or f32 else torch.empty(dv.shape, dtype=torch.float32, device=dv.device)
-    blk_len = (keys.block_rows[1:] - keys.block_rows[:-1]).repeat_interleave(hkv)
-    bound = hkv * (tk // cfg.block_n + keys.block_rows.numel())
+    # Every carried row read was written by the previous slab: no zero fill needed.
+    carry_rows = _max_block_rows(prob) if multi else 0
+    acc_k, acc_v = dk, dv  # unread unless several slabs (ACCUM)
+    if multi:
+        acc_k = torch.empty(2 * carry_rows * d, dtype=torch.float32, device=dk.device)
+        acc_v = torch.empty_like(acc_k)
+    blk_len = (keys.block_rows[1:] - keys.block_rows[:-1])[:, None].expand(-1, hkv).reshape(-1)
+    bound = hkv * (tk // tile.block_n + keys.block_rows.numel())
     rows = min(slab, n_ent)
     qs, dos = q.new_empty(rows, d), dout.new_empty(rows, d)
     lse2s, deltas = lse2.new_empty(rows), delta.new_empty(rows)
-    qposs = qpos.new_empty(rows)
-    for b0 in range(0, n_ent, slab):
+    qposs = prob.q_pos.new_empty(rows)
+    scale = prob.softmax_scale
+    for i, b0 in enumerate(range(0, n_ent, slab)):
         b1 = min(n_ent, b0 + slab)
         _gather_kernel[(triton.cdiv(b1 - b0, _GATHER_ROWS),)](
-            plan.comp, q, dout, lse2, delta, qpos, qs, dos, lse2s, deltas, qposs, b0, b1 - b0,
-            n_ent, plan.topk, plan.hq, D=d, BLOCK_R=_GATHER_ROWS,
+            plan.comp, q, dout, lse2, delta, prob.q_pos, qs, dos, lse2s, deltas, qposs, b0,
+            b1 - b0, n_ent, plan.topk, plan.hq, D=d, BLOCK_R=_GATHER_ROWS,
         )  # fmt: skip
         glo = plan.group_off[:-1].clamp(b0, b1)
         ghi = plan.group_off[1:].clamp(b0, b1)
-        group, index = tile_table(torch.where(ghi > glo, blk_len, 0), cfg.block_n, bound)
+        group, index = tile_table(torch.where(ghi > glo, blk_len, 0), tile.block_n, bound)
+        half = carry_rows * d
         _dkdv_kernel[(bound,)](
             qs, k, v, dos, lse2s, deltas, qposs, keys.k_pos, keys.block_rows, plan.group_off,
-            glo, ghi, group.to(torch.int32), index, dk, dv, acc_k, acc_v, b0, scale * _LOG2E,
-            scale, hkv, D=d,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32, ACCUM=multi,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            glo, ghi, group.to(torch.int32), index, dk, dv, acc_k, acc_v, (i % 2) * half,
+            ((i + 1) % 2) * half, b0, scale * _LOG2E, scale, hkv, D=d,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, IEEE=q.dtype == torch.float32,
+            ACCUM=multi, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
 
 
-def _dq(q, k, v, dout, lse2, delta, qpos, keys, plan: EntryPlan, sel, scale, dq):
+def _dq(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg, dq):
     """Launch the dQ kernel per token chunk and sum each (t, h)'s K slot partials into ``dq``."""
     tq, hq, d = q.shape
-    cfg = tile_config(DQ_CONFIG, q)
-    topk = plan.topk
-    for t0, t1 in token_chunks(tq, hq, topk, d):
+    tile = cfg.dq_tile(q)
+    topk, keys, scale = plan.topk, prob.keys, prob.softmax_scale
+    for t0, t1 in token_chunks(tq, hq, topk, d, cfg.chunk_elems):
         e0, e1 = t0 * hq * topk, t1 * hq * topk
-        tiles = chunk_tiles(plan, qpos, keys, e0, e1, cfg.block_m)
+        tiles = chunk_tiles(plan, prob.q_pos, keys, e0, e1, tile.block_m)
         # Every valid slot is written (zeros when it saw no key); invalid ones are masked below.
         part = torch.empty(e1 - e0, d, dtype=torch.float32, device=q.device)
         _dq_kernel[(tiles.group.numel(),)](
-            q, k, v, dout, lse2, delta, qpos, keys.k_pos, keys.block_rows, plan.comp,
+            q, k, v, dout, lse2, delta, prob.q_pos, keys.k_pos, keys.block_rows, plan.comp,
             tiles.group, tiles.start, tiles.stop, tiles.kend, part, e0, scale * _LOG2E, scale,
-            hq, plan.hkv, topk, plan.num_entries, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            hq, plan.hkv, topk, plan.num_entries, D=d, BLOCK_M=tile.block_m,
+            BLOCK_N=tile.block_n, IEEE=q.dtype == torch.float32, num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
         )  # fmt: skip
         # Sum over the valid slots in slot order (deterministic), cast to dq's dtype on store.
         n_rows = (t1 - t0) * hq
         _dq_sum_kernel[(triton.cdiv(n_rows, _SUM_ROWS),)](
-            part, sel, dq, t0, hq, n_rows, topk, D=d, BLOCK_R=_SUM_ROWS
+            part, prob.sel, dq, t0, hq, n_rows, topk, D=d, BLOCK_R=_SUM_ROWS
         )
 
 
@@ -288,17 +297,15 @@ def bwd_all(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    q_pos: torch.Tensor,
-    keys: RoutedKeys,
+    prob: RoutedProblem,
     plan: EntryPlan,
-    sel: torch.Tensor,
-    softmax_scale: float,
     grad_dtype: torch.dtype,
+    config: BwdConfig = DEFAULT_BWD,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in ``grad_dtype`` (contiguous inputs)."""
+    """``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in ``grad_dtype`` (contiguous inputs, int64
+    positions and block rows in ``prob``)."""
     tq, hq, d = q.shape
-    keys = RoutedKeys(keys.block_rows.to(torch.int64).contiguous(), keys.k_pos.to(torch.int64))
-    qpos = q_pos.to(torch.int64).contiguous()
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     # Key rows no query selected get no program: they must start at zero.
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=k.device)
@@ -307,10 +314,11 @@ def bwd_all(
         return dq.zero_(), dk, dv
     lse2 = torch.empty(tq * hq, dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse2)
+    dlse_f = None if dlse is None else dlse.float().contiguous()
     _prep_kernel[(math.ceil(tq * hq / _PREP_ROWS),)](
-        dout, out, lse.float().contiguous(), lse2, delta, tq, hq, tq * hq, D=d,
-        BLOCK_R=_PREP_ROWS,
+        dout, out, lse.float().contiguous(), lse2 if dlse_f is None else dlse_f, lse2, delta,
+        tq, hq, tq * hq, D=d, BLOCK_R=_PREP_ROWS, HAS_DLSE=dlse_f is not None,
     )  # fmt: skip
-    _dkdv(q, k, v, dout, lse2, delta, qpos, keys, plan, softmax_scale, dk, dv)
-    _dq(q, k, v, dout, lse2, delta, qpos, keys, plan, sel.contiguous(), softmax_scale, dq)
+    _dkdv(q, k, v, dout, lse2, delta, prob, plan, config, dk, dv)
+    _dq(q, k, v, dout, lse2, delta, prob, plan, config, dq)
     return dq, dk, dv

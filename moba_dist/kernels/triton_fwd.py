@@ -10,58 +10,18 @@ indexed by ``e - e0``. ``_merge_kernel`` combines the K slots of each ``(t, h)``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from moba_dist.kernels.reference import RoutedKeys
-from moba_dist.kernels.triton_moba import EntryPlan, chunk_tiles, token_chunks
+from moba_dist.kernels.plan_types import DEFAULT_FWD, EntryPlan, FwdConfig, RoutedProblem
+from moba_dist.kernels.triton_moba import chunk_tiles, token_chunks
 
-__all__ = ["FWD_CONFIG", "PARTIAL_DTYPE", "TileConfig", "fwd_chunks", "tile_config"]
+__all__ = ["fwd_chunks"]
 
 _LOG2E = 1.4426950408889634
 _MERGE_ROWS = 32
-
-
-@dataclass
-class TileConfig:
-    """Launch shape of one kernel: tile sizes, warps, software-pipelining depth."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-# Hopper defaults per head dim (the FlashAttention-2 Triton shapes); benchmarks may overwrite.
-FWD_CONFIG: dict[int, TileConfig] = {
-    64: TileConfig(128, 64, 4, 3),
-    128: TileConfig(128, 128, 8, 2),
-}
-# The interpreter runs numpy per op: moderate tiles keep tests fast while still giving groups
-# several query tiles and blocks several key tiles.
-_INTERPRET_CONFIG = TileConfig(16, 16, 1, 1)
-# Storage of the per-entry partial outputs o (lse partials and the merge stay float32). None:
-# q's dtype for 16-bit inputs (halves the partial traffic, write + merge read, for one extra
-# rounding of each partial: device-checked within the bf16 error budget, see NOTES_triton.md),
-# float32 for float32 inputs. Benchmarks may pin torch.float32.
-PARTIAL_DTYPE: torch.dtype | None = None
-
-
-def partial_dtype(q: torch.Tensor) -> torch.dtype:
-    if PARTIAL_DTYPE is not None:
-        return PARTIAL_DTYPE
-    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-
-
-def tile_config(table: dict[int, TileConfig], q: torch.Tensor) -> TileConfig:
-    """The launch shape for ``q [T, H, D]``: interpreter shape on CPU, else by head dim."""
-    if q.device.type == "cpu":
-        return _INTERPRET_CONFIG
-    d = q.shape[-1]
-    return table.get(d, TileConfig(64, 64, 4, 2))
 
 
 @triton.jit
@@ -161,28 +121,26 @@ def fwd_chunks(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_pos: torch.Tensor,
-    keys: RoutedKeys,
+    prob: RoutedProblem,
     plan: EntryPlan,
-    softmax_scale: float,
+    config: FwdConfig = DEFAULT_FWD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward over token chunks: ``out [Tq, Hq, D]`` (q's dtype), ``lse [Hq, Tq]``."""
+    """Run the forward over token chunks: ``out [Tq, Hq, D]`` (q's dtype), ``lse [Hq, Tq]``.
+    ``prob`` holds int64 contiguous positions and block rows."""
     tq, hq, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
-    cfg = tile_config(FWD_CONFIG, q)
-    qpos, kpos = q_pos.to(torch.int64).contiguous(), keys.k_pos.to(torch.int64).contiguous()
-    brows = keys.block_rows.to(torch.int64).contiguous()
-    topk = plan.topk
-    for t0, t1 in token_chunks(tq, hq, topk, d):
+    cfg = config.tile(q)
+    keys, topk = prob.keys, plan.topk
+    for t0, t1 in token_chunks(tq, hq, topk, d, config.chunk_elems):
         e0, e1 = t0 * hq * topk, t1 * hq * topk
-        tiles = chunk_tiles(plan, qpos, RoutedKeys(brows, kpos), e0, e1, cfg.block_m)
-        opart = torch.empty(e1 - e0, d, dtype=partial_dtype(q), device=q.device)
+        tiles = chunk_tiles(plan, prob.q_pos, keys, e0, e1, cfg.block_m)
+        opart = torch.empty(e1 - e0, d, dtype=config.partial(q), device=q.device)
         lpart = torch.full((e1 - e0,), float("-inf"), dtype=torch.float32, device=q.device)
         _fwd_kernel[(tiles.group.numel(),)](
-            q, k, v, qpos, kpos, brows, plan.comp, tiles.group, tiles.start, tiles.stop,
-            tiles.kend, opart, lpart, e0, softmax_scale * _LOG2E, hq, plan.hkv, topk,
-            plan.num_entries,
+            q, k, v, prob.q_pos, keys.k_pos, keys.block_rows, plan.comp, tiles.group, tiles.start,
+            tiles.stop, tiles.kend, opart, lpart, e0, prob.softmax_scale * _LOG2E, hq, plan.hkv,
+            topk, plan.num_entries,
             D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

@@ -1,20 +1,25 @@
-"""MoBA gate in Triton: query-centroid scores and a running top-(K-1) in registers.
+"""MoBA gate in Triton: one fused kernel for scores and top-k, plus the block-sum kernel.
 
 Same contract as ``gate.select_blocks`` (``sel [Tq, Hq, K]`` int32, slot 0 the own block, slots
 1.. the chosen strictly-past blocks in descending score order, -1 where there are fewer
-candidates, exact ties to the lower block id), without sorting every score row. Two paths:
+candidates, exact ties to the lower block id; see docs/routing.md).
 
-- exact (default): scores of a query chunk by cuBLAS in IEEE float32 (TF32 off), then
-  ``_topk_kernel`` walks each row's candidate columns BLOCK_C at a time and keeps the best K-1
-  in a ``[BLOCK_T, KP]`` register set. (A fused kernel with an IEEE ``tl.dot`` measured slower
-  than the torch gate on the H100: Triton's float32 dot without TF32 is not tensor-core work.)
-- fused (opt-in "tf32x3" / "tf32"): ``_gate_kernel`` scores with ``tl.dot`` on tensor cores and
-  merges the tiles into the same register set; no score ever reaches memory, O(T * H * K).
+``_gate_kernel``: one program per (tile of BLOCK_T queries, query head). It streams the centroid
+tiles of the tile's candidate range (past blocks of the queries' own sequences, so about
+T / (2 B) blocks per query at long context), scores them on tensor cores and merges them into a
+running top-(K-1) held in registers: no score reaches memory, memory is O(T * H * K).
 
-Tie rule inside the running set: a new block (higher id than every kept one) replaces the
-weakest kept one only when its score is strictly greater, and the weakest is the lowest score,
-among equals the highest id; so among equal scores lower ids win, as in the stable sort of the
-torch gate. Scores of near-ties may differ from the torch gate by float32 summation order.
+Float32-quality scores on bf16 tensor cores: every float32 centroid is split into bf16 pieces
+``c = c1 + c2 + c3 (+ |c| * 2^-27)`` once per call, the query into 1 (bf16, exact), 2 (fp16,
+exact) or 3 (float32) bf16 pieces in the kernel, and the products whose pieces sum to an error
+above ~2^-24 are accumulated in float32, smallest first. The error of a score is then below
+~2^-24 * |q| * |c|, float32 level (docs/routing.md). ``precision="bf16x2"`` / ``"bf16"`` drop
+pieces (faster, measured agreement in docs/routing.md) and are opt-in only.
+
+Tie rule inside the running set: a new block (higher id than every kept one, tiles stream in
+ascending id order) replaces the weakest kept one only when its score is strictly greater, and
+the weakest is the lowest score, among equals the highest id; so among equal scores lower ids
+win, as in the stable sort of the torch gate.
 """
 
 from __future__ import annotations
@@ -23,15 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_sums_triton", "select_blocks_triton"]
+__all__ = ["PRECISIONS", "block_sums_triton", "centroid_pieces", "select_blocks_triton"]
 
-# Queries per program x candidate blocks per score tile: tl.dot needs both >= 16.
-_BLOCK_T = 64
-_BLOCK_C = 32
-# Scores of one query chunk in the exact path (float32 elements: 256 MiB).
-_SCORE_BUDGET = 1 << 26
+#: Score precisions of the fused gate: centroid pieces per name (float32 quality needs 3).
+PRECISIONS = {"float32": 3, "bf16x2": 2, "bf16": 1}
+# Tile shape and launch shape of the gate kernel (tl.dot needs both tile sides >= 16); tests
+# shrink the tiles to exercise tiles that straddle blocks and sequences.
+# Measured best of 8 shapes on the H200 (benchmarks/results/nvidia-h200/gate/).
+_CONFIG = dict(BLOCK_T=128, BLOCK_C=32, num_warps=4, num_stages=3)
 # Key rows per step of the block-sum kernel.
 _SUM_ROWS = 64
+_BIG = tl.constexpr(2147483647)
 
 
 @triton.jit
@@ -71,13 +78,63 @@ def block_sums_triton(k: torch.Tensor, block_starts: torch.Tensor) -> torch.Tens
 
 
 @triton.jit
-def _insert_tile(s, cid, top_v, top_i, KSEL):
-    """Merge one tile of scores ``s [BLOCK_T, BLOCK_C]`` (ids ``cid``, all above the kept ids)
-    into the kept set: K - 1 rounds, each moving the tile's best (lowest id among equals) in
-    when it beats the weakest kept entry strictly."""
-    for _ in range(KSEL - 1):
+def _split(x, QP: tl.constexpr, DOT: tl.constexpr):
+    """``x`` (float32) as up to 3 pieces of the dot dtype, largest first (unused ones = p1)."""
+    p1 = x.to(DOT)
+    p2 = p1
+    p3 = p1
+    if QP >= 2:
+        r = x - p1.to(tl.float32)
+        p2 = r.to(DOT)
+        if QP >= 3:
+            p3 = (r - p2.to(tl.float32)).to(DOT)
+    return p1, p2, p3
+
+
+@triton.jit
+def _load_tile(ptr, PSTRIDE, cv, CPN: tl.constexpr):
+    """The ``[BLOCK_C, D]`` tiles of the centroid pieces at ``ptr`` (piece p at
+    ``+ (p - 1) * PSTRIDE``; unused ones = piece 1), rows past the candidate range zero."""
+    c1 = tl.load(ptr, mask=cv[:, None], other=0.0)
+    c2 = c1
+    c3 = c1
+    if CPN >= 2:
+        c2 = tl.load(ptr + PSTRIDE, mask=cv[:, None], other=0.0)
+        if CPN >= 3:
+            c3 = tl.load(ptr + 2 * PSTRIDE, mask=cv[:, None], other=0.0)
+    return c1, c2, c3
+
+
+@triton.jit
+def _scores(q1, q2, q3, c1, c2, c3, QP: tl.constexpr, CPN: tl.constexpr, acc):
+    """Scores of the query pieces against one tile of centroid pieces: the products q_i * c_j
+    with i + j <= CPN + 1, smallest first, so float32 accumulation keeps the small terms."""
+    if CPN >= 2:
+        if CPN >= 3:
+            acc = tl.dot(q1, tl.trans(c3), acc)
+            if QP >= 3:
+                acc = tl.dot(q3, tl.trans(c1), acc)
+            if QP >= 2:
+                acc = tl.dot(q2, tl.trans(c2), acc)
+        acc = tl.dot(q1, tl.trans(c2), acc)
+        if QP >= 2:
+            acc = tl.dot(q2, tl.trans(c1), acc)
+    return tl.dot(q1, tl.trans(c1), acc)
+
+
+@triton.jit
+def _merge(s, cid, top_v, top_i, KSEL):
+    """Merge a score tile ``s [BLOCK_T, BLOCK_C]`` (ids ``cid``, above every kept id) into the
+    kept set. Only entries beating a row's weakest kept score can enter, so the tile costs one
+    compare-and-count unless some row has such entries; then one round per entry that can enter
+    (at most K - 1), each moving the tile's best (lowest id among equals) in when it beats the
+    weakest kept entry strictly."""
+    weak_v = tl.min(top_v, 1)
+    beats = tl.sum((s > weak_v[:, None]).to(tl.int32), 1)
+    rounds = tl.minimum(tl.max(beats, 0), KSEL - 1)
+    for _ in range(rounds):
         best = tl.max(s, 1)
-        bid = tl.min(tl.where(s == best[:, None], cid[None, :], 2147483647), 1)
+        bid = tl.min(tl.where(s == best[:, None], cid[None, :], _BIG), 1)
         weak_v = tl.min(top_v, 1)
         is_weak = top_v == weak_v[:, None]
         weak_i = tl.max(tl.where(is_weak, top_i, -1), 1)
@@ -90,84 +147,81 @@ def _insert_tile(s, cid, top_v, top_i, KSEL):
 
 @triton.jit
 def _gate_kernel(
-    Q, C, QBLOCK, QFIRST, SEL, TQ, HQ, HKV, KSEL,
+    Q, CP, QBLOCK, QFIRST, SEL, TQ, HQ, HKV, N, PSTRIDE, KSEL, NUM_TILES,
     D: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    PREC: tl.constexpr,
+    QP: tl.constexpr, CPN: tl.constexpr,
 ):  # fmt: skip
+    # Latest query tiles (most candidates) first, so the causal imbalance does not make a tail;
+    # consecutive programs share a head and so stream the same centroids (L2 reuse).
+    tile = NUM_TILES - 1 - tl.program_id(0)
     h = tl.program_id(1)
-    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     tv = t < TQ
     g = h // (HQ // HKV)
     dd = tl.arange(0, D)
     q = tl.load(Q + (t[:, None] * HQ + h) * D + dd[None, :], mask=tv[:, None], other=0.0)
-    q = q.to(tl.float32)
-    own = tl.load(QBLOCK + t, mask=tv, other=0)
-    first = tl.load(QFIRST + t, mask=tv, other=0)
-    lo = tl.min(tl.where(tv, first, 1 << 62), 0)
+    q1, q2, q3 = _split(q.to(tl.float32), QP, CP.dtype.element_ty)
+    own = tl.load(QBLOCK + t, mask=tv, other=0).to(tl.int32)
+    first = tl.load(QFIRST + t, mask=tv, other=0).to(tl.int32)
+    lo = tl.min(tl.where(tv, first, _BIG), 0)
     hi = tl.max(tl.where(tv, own, 0), 0)
-    top_v, top_i = _empty_set(KSEL, BLOCK_T, KP)
-    for c0 in range(lo, hi, BLOCK_C):
-        cid = c0 + tl.arange(0, BLOCK_C)
-        cv = cid < hi
-        ct = tl.load(C + (cid[None, :] * HKV + g) * D + dd[:, None], mask=cv[None, :], other=0.0)
-        s = tl.dot(q, ct.to(tl.float32), input_precision=PREC)
-        # Candidates: strictly-past blocks of the query's own sequence.
-        ok = (cid[None, :] >= first[:, None]) & (cid[None, :] < own[:, None])
-        top_v, top_i = _insert_tile(tl.where(ok, s, float("-inf")), cid, top_v, top_i, KSEL)
-    _emit(SEL + (t * HQ + h) * KSEL, tv, own, top_v, top_i, KSEL, KP)
-
-
-@triton.jit
-def _topk_kernel(
-    S, QBLOCK, QFIRST, SEL, t0, n_rows, HQ, R, lo, KSEL, C, GRP,
-    KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    # Rows (t - t0) * Hq + h of a chunk of C queries; the scores S [Hkv, C, GRP, R] come
-    # straight from the batched GEMM (h = g * GRP + i), column c is block lo + c.
-    row = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    rv = row < n_rows
-    t = t0 + row // HQ
-    h = row % HQ
-    srow = ((h // GRP) * C + row // HQ) * GRP + h % GRP
-    own = tl.load(QBLOCK + t, mask=rv, other=0)
-    first = tl.load(QFIRST + t, mask=rv, other=0)
-    top_v, top_i = _empty_set(KSEL, BLOCK_T, KP)
-    c_lo = tl.maximum(tl.min(tl.where(rv, first, 1 << 62), 0), lo)
-    for c0 in range(c_lo, tl.max(tl.where(rv, own, 0), 0), BLOCK_C):
-        cid = c0 + tl.arange(0, BLOCK_C)
-        ok = (cid[None, :] >= first[:, None]) & (cid[None, :] < own[:, None]) & rv[:, None]
-        s = tl.load(S + srow[:, None] * R + (cid - lo)[None, :], mask=ok, other=float("-inf"))
-        top_v, top_i = _insert_tile(s, cid, top_v, top_i, KSEL)
-    _emit(SEL + (t0 * HQ + row) * KSEL, rv, own, top_v, top_i, KSEL, KP)
-
-
-@triton.jit
-def _empty_set(KSEL, BLOCK_T: tl.constexpr, KP: tl.constexpr):
-    """An empty kept set: slots past K - 1 hold +inf so they are never the weakest."""
+    # Tiles inside [max first, min own) hold candidates of every query: no mask needed.
+    first_max = tl.max(tl.where(tv, first, 0), 0)
+    own_min = tl.min(tl.where(tv, own, _BIG), 0)
     slot = tl.arange(0, KP)
+    # Empty kept set: slots past K - 1 hold +inf so they are never the weakest.
     top_v = tl.where(slot[None, :] < KSEL - 1, float("-inf"), float("inf")) + tl.zeros(
         [BLOCK_T, KP], tl.float32
     )
-    top_i = (1 << 30) + slot[None, :] + tl.zeros([BLOCK_T, KP], tl.int64)
-    return top_v, top_i
+    top_i = (1 << 30) + slot[None, :] + tl.zeros([BLOCK_T, KP], tl.int32)
+    cid = lo + tl.arange(0, BLOCK_C)
+    ptr = CP + g.to(tl.int64) * N * D + cid[:, None].to(tl.int64) * D + dd[None, :]
+    # The next tile's loads are issued at the end of each step (a hand prefetch before the
+    # dots measured slower on the H200: benchmarks/results/nvidia-h200/gate/).
+    n1, n2, n3 = _load_tile(ptr, PSTRIDE, cid < hi, CPN)
+    for c0 in range(lo, hi, BLOCK_C):
+        c1, c2, c3 = n1, n2, n3
+        cid = c0 + tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+        s = _scores(q1, q2, q3, c1, c2, c3, QP, CPN, acc)
+        if (c0 < first_max) | (c0 + BLOCK_C > own_min):
+            ok = (cid[None, :] >= first[:, None]) & (cid[None, :] < own[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        top_v, top_i = _merge(s, cid, top_v, top_i, KSEL)
+        ptr += BLOCK_C * D
+        n1, n2, n3 = _load_tile(ptr, PSTRIDE, cid + BLOCK_C < hi, CPN)
+    _emit(SEL + (t * HQ + h) * KSEL, tv, own, top_v, top_i, KSEL, KP)
 
 
 @triton.jit
 def _emit(OUT, valid, own, top_v, top_i, KSEL, KP: tl.constexpr):
     """Write slot 0 (own block), then the kept set in descending score order (ties to the lower
     id) into ``OUT [rows] -> K int32 slots``; -1 where fewer candidates were kept."""
-    tl.store(OUT, own.to(tl.int32), mask=valid)
+    tl.store(OUT, own, mask=valid)
     slot = tl.arange(0, KP)
     top_v = tl.where(slot[None, :] < KSEL - 1, top_v, float("-inf"))
     for r in range(1, KSEL):
         best_v = tl.max(top_v, 1)
         is_best = top_v == best_v[:, None]
-        best_i = tl.min(tl.where(is_best, top_i, 1 << 62), 1)
-        out = tl.where(best_v > float("-inf"), best_i, -1)
-        tl.store(OUT + r, out.to(tl.int32), mask=valid)
+        best_i = tl.min(tl.where(is_best, top_i, _BIG), 1)
+        tl.store(OUT + r, tl.where(best_v > float("-inf"), best_i, -1), mask=valid)
         taken = is_best & (top_i == best_i[:, None])
         top_v = tl.where(taken, float("-inf"), top_v)
-        top_i = tl.where(taken, 1 << 62, top_i)
+        top_i = tl.where(taken, _BIG, top_i)
+
+
+def centroid_pieces(centroids: torch.Tensor, pieces: int, dtype: torch.dtype) -> torch.Tensor:
+    """``centroids [N, Hkv, D]`` float32 -> ``[pieces, Hkv, N, D]`` whose sum over the first axis
+    is ``centroids`` to ``2^(-9 * pieces)`` relative (each piece is the bf16 rounding of what the
+    previous ones left). ``dtype`` float32 keeps the bf16-rounded values in float32 storage (the
+    Triton interpreter's bf16 dot is wrong)."""
+    rest = centroids.transpose(0, 1).contiguous()
+    out = torch.empty((pieces, *rest.shape), dtype=dtype, device=centroids.device)
+    for p in range(pieces):
+        piece = rest.to(torch.bfloat16)
+        out[p] = piece
+        rest = rest - piece.float()
+    return out
 
 
 def select_blocks_triton(
@@ -176,69 +230,45 @@ def select_blocks_triton(
     q_block: torch.Tensor,
     q_seq_first: torch.Tensor,
     topk: int,
-    precision: str = "ieee",
+    precision: str = "float32",
 ) -> torch.Tensor:
     """Drop-in for ``gate.select_blocks`` (float32 centroids; CUDA, or CPU under the Triton
-    interpreter): ``q [Tq, Hq, D]``, ``centroids [N, Hkv, D]``, ``q_block, q_seq_first [Tq]``
-    -> ``sel [Tq, Hq, K]`` int32.
+    interpreter): ``q [Tq, Hq, D]`` fp16/bf16/fp32 with D a power of two >= 16,
+    ``centroids [N, Hkv, D]``, ``q_block, q_seq_first [Tq]`` -> ``sel [Tq, Hq, K]`` int32.
 
-    ``precision``: "ieee" (default: exact float32 scores by cuBLAS with TF32 off, then the
-    running top-k kernel) or the explicit opt-ins "tf32x3" (one fused kernel on tensor cores,
-    near-float32) and "tf32" (about 1e-3 relative score error), which can change near-tie
-    choices; measure the routing agreement before using them."""
+    ``precision``: "float32" (default; float32-quality scores, docs/routing.md) or the opt-ins
+    "bf16x2" / "bf16" (fewer centroid pieces; near-tie choices can change, measured agreement
+    in docs/routing.md)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     if centroids.dtype != torch.float32:
         raise TypeError(f"select_blocks_triton takes float32 centroids, got {centroids.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"select_blocks_triton takes fp16/bf16/fp32 q, got {q.dtype}")
     tq, hq, d = q.shape
+    n, hkv, _ = centroids.shape
+    if d < 16 or d & (d - 1) or hq % hkv:
+        raise ValueError(
+            f"q [Tq, Hq, D] needs D a power of two >= 16 and Hq % Hkv == 0, got D={d}, "
+            f"Hq={hq}, Hkv={hkv}"
+        )
     sel = torch.empty((tq, hq, topk), dtype=torch.int32, device=q.device)
     if tq == 0:
         return sel
-    kp = max(2, triton.next_power_of_2(max(1, topk - 1)))
-    if precision not in ("ieee", "tf32x3", "tf32"):
-        raise ValueError(f"precision must be ieee, tf32x3 or tf32; got {precision!r}")
-    qb, qf = q_block.to(torch.int64).contiguous(), q_seq_first.to(torch.int64).contiguous()
-    if precision == "ieee":
-        _select_exact(q, centroids, qb, qf, sel, kp)
-        return sel
-    grid = (triton.cdiv(tq, _BLOCK_T), hq)
-    _gate_kernel[grid](
-        q.contiguous(), centroids.contiguous(), qb, qf, sel, tq, hq, centroids.shape[1], topk,
-        D=d, KP=kp, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, PREC=precision,
+    cpn = PRECISIONS[precision]
+    # Query pieces: bf16 is exact in 1, fp16 in 2 (11 bits), float32 needs 3 (24 bits).
+    qp = {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 3) if cpn > 1 else 1
+    interpreted = q.device.type == "cpu"
+    if interpreted:  # float32 storage and dots: q needs no split
+        qp, q = 1, q.float()
+    pieces = centroid_pieces(centroids, cpn, torch.float32 if interpreted else torch.bfloat16)
+    cfg = dict(_CONFIG)
+    block_t, block_c = cfg.pop("BLOCK_T"), cfg.pop("BLOCK_C")
+    n_tiles = triton.cdiv(tq, block_t)
+    _gate_kernel[(n_tiles, hq)](
+        q.contiguous(), pieces, q_block.to(torch.int32).contiguous(),
+        q_seq_first.to(torch.int32).contiguous(), sel, tq, hq, hkv, n, hkv * n * d, topk,
+        n_tiles, D=d, KP=max(2, triton.next_power_of_2(max(1, topk - 1))), BLOCK_T=block_t,
+        BLOCK_C=block_c, QP=qp, CPN=cpn, **cfg,
     )  # fmt: skip
     return sel
-
-
-def _select_exact(q, centroids, q_block, q_first, sel, kp: int) -> None:
-    """Exact float32 path: scores of a query chunk by cuBLAS (TF32 off), then the running
-    top-k kernel over each score row (replaces the torch gate's full sort of every row)."""
-    tq, hq, d = q.shape
-    n, hkv, _ = centroids.shape
-    chunk = max(1, _SCORE_BUDGET // (hq * max(1, n)))
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the default gate is exact IEEE float32
-    # Candidate range of every chunk, fetched in one host synchronisation (not two per chunk):
-    # pad the last chunk with its own last query, so the padded min / max are its own.
-    n_chunks = -(-tq // chunk)
-    pad = n_chunks * chunk - tq
-    ends = torch.stack([
-        torch.cat([q_first, q_first[-1:].expand(pad)]).view(n_chunks, chunk).amin(1),
-        torch.cat([q_block, q_block[-1:].expand(pad)]).view(n_chunks, chunk).amax(1),
-    ]).tolist()  # fmt: skip
-    try:
-        for i, c0 in enumerate(range(0, tq, chunk)):
-            c1 = min(tq, c0 + chunk)
-            lo, hi = ends[0][i], max(ends[1][i], 1)
-            lo = min(lo, hi - 1)
-            # KV-head-major float32 queries (one copy), so the batched GEMM writes the scores
-            # [Hkv, C * G, R] contiguous and the top-k kernel reads them in place (no copy of
-            # the score chunk).
-            c, grp = c1 - c0, hq // hkv
-            qg = torch.empty((hkv, c, grp, d), dtype=torch.float32, device=q.device)
-            qg.copy_(q[c0:c1].view(c, hkv, grp, d).transpose(0, 1))
-            scores = torch.bmm(qg.view(hkv, c * grp, d), centroids[lo:hi].permute(1, 2, 0))
-            rows = c * hq
-            _topk_kernel[(triton.cdiv(rows, _BLOCK_T),)](
-                scores, q_block, q_first, sel, c0, rows, hq, hi - lo, lo, sel.shape[2], c, grp,
-                KP=kp, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
-            )  # fmt: skip
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old

@@ -13,9 +13,10 @@ streams the block's K/V rows once for all of them.
   key row belongs to exactly one group, so it is written once), dQ per entry tile into a per-slot
   buffer summed over K.
 
-Partial buffers are ``[entries, D]`` float32, so the entries are processed in token chunks of at
-most ``_CHUNK_ELEMS`` elements; the sort and the group offsets are global (int64 throughout).
-The plan is built on the device without host synchronisation.
+Partial buffers are ``[entries, D]``, so the entries are processed in token chunks (sizes in
+``FwdConfig`` / ``BwdConfig``); the sort and the group offsets are global (int64 throughout).
+The plan is built on the device without host synchronisation (group offsets come from a search
+of the sorted keys, not from a bincount, whose CUDA kernel reads its input's max on the host).
 """
 
 from __future__ import annotations
@@ -25,17 +26,33 @@ from dataclasses import dataclass
 
 import torch
 
-from moba_dist.kernels.reference import RoutedKeys
+from moba_dist.kernels.plan_types import (
+    DEFAULT_BWD,
+    DEFAULT_FWD,
+    BwdConfig,
+    EntryPlan,
+    FwdConfig,
+    RoutedKeys,
+    RoutedProblem,
+)
 
-__all__ = ["EntryPlan", "routed_bwd", "routed_fwd", "tile_table", "unavailable_reason"]
+__all__ = [
+    "QueryTiles",
+    "chunk_tiles",
+    "plan_entries",
+    "routed_backward",
+    "routed_forward",
+    "tile_table",
+    "token_chunks",
+    "unavailable_reason",
+]
 
-# Float32 elements of one chunk's partial buffer ([entries, D]): 1 GiB.
-_CHUNK_ELEMS = 1 << 28
 _HEAD_DIMS = (16, 32, 64, 128)
 
 
 def unavailable_reason(q: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot run tensors like ``q [T, H, D]`` (None when they can)."""
+    """Why the Triton kernels cannot run tensors like ``q [T, H, D]`` (None when they can).
+    The caller has already checked that triton imports."""
     d = q.shape[-1]
     if d not in _HEAD_DIMS:
         return f"the triton kernels take head_dim in {_HEAD_DIMS}, got {d}"
@@ -52,29 +69,6 @@ def unavailable_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class EntryPlan:
-    """Valid selections sorted by (group, entry), G = N * Hkv groups.
-
-    ``comp [E]`` int64: sorted keys ``group * E + e`` (E = Tq * Hq * K entries; invalid slots
-    carry the sentinel group G and sort last). Kernels recover ``e = comp % E``; range searches
-    per token chunk run on ``comp`` directly, so no second ``[E]`` array is kept (768 MB at 1M
-    tokens x 8 heads x K = 12). ``group_off [G + 1]`` int64: group g is
-    ``comp[group_off[g]:group_off[g + 1]]``.
-    """
-
-    comp: torch.Tensor
-    group_off: torch.Tensor
-    num_groups: int
-    topk: int
-    hq: int
-    hkv: int
-
-    @property
-    def num_entries(self) -> int:
-        return self.comp.numel()
-
-
 def plan_entries(sel: torch.Tensor, num_blocks: int, hkv: int) -> EntryPlan:
     """Sort the entries of ``sel [Tq, Hq, K]`` by (block, KV head), then by entry id."""
     tq, hq, topk = sel.shape
@@ -88,14 +82,13 @@ def plan_entries(sel: torch.Tensor, num_blocks: int, hkv: int) -> EntryPlan:
     flat = sel.reshape(-1)
     key += flat.to(torch.int64) * hkv
     key.masked_fill_(flat < 0, groups)  # invalid slots: sentinel group G, sorted last
-    counts = torch.bincount(key, minlength=groups + 1)[:groups]
     key *= n_ent
     key += torch.arange(n_ent, device=sel.device)
     # The composite (group, entry) key is unique, so the unstable sort is deterministic.
     comp = torch.sort(key).values
     del key
-    group_off = torch.zeros(groups + 1, dtype=torch.int64, device=sel.device)
-    torch.cumsum(counts, 0, out=group_off[1:])
+    bounds = torch.arange(groups + 1, device=sel.device) * n_ent
+    group_off = torch.searchsorted(comp, bounds)
     return EntryPlan(comp, group_off, groups, topk, hq, hkv)
 
 
@@ -157,50 +150,60 @@ def _causal_kend(plan, q_pos, keys: RoutedKeys, group, start, stop, block_m: int
     return torch.minimum(seen, keys.block_rows[blk + 1]).clamp_min(keys.block_rows[blk])
 
 
-def token_chunks(tq: int, hq: int, topk: int, d: int) -> list[tuple[int, int]]:
-    """Token ranges whose ``[entries, D]`` partial buffer stays under ``_CHUNK_ELEMS``."""
-    step = max(1, _CHUNK_ELEMS // (hq * topk * d))
+def token_chunks(tq: int, hq: int, topk: int, d: int, elems: int) -> list[tuple[int, int]]:
+    """Token ranges whose ``[entries, D]`` partial buffer stays under ``elems`` elements."""
+    step = max(1, elems // (hq * topk * d))
     return [(t0, min(tq, t0 + step)) for t0 in range(0, tq, step)]
 
 
-def routed_fwd(
+def _int64_problem(prob: RoutedProblem) -> RoutedProblem:
+    keys = RoutedKeys(
+        prob.keys.block_rows.to(torch.int64).contiguous(), prob.keys.k_pos.to(torch.int64)
+    )
+    return RoutedProblem(
+        prob.q_pos.to(torch.int64).contiguous(), keys, prob.sel.contiguous(),
+        prob.softmax_scale, prob.max_block_rows,
+    )  # fmt: skip
+
+
+def routed_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_pos: torch.Tensor,
-    keys: RoutedKeys,
-    sel: torch.Tensor,
-    softmax_scale: float,
+    prob: RoutedProblem,
+    config: FwdConfig = DEFAULT_FWD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed attention (see ``reference.reference_routed_fwd``): ``q [Tq, Hq, D]``,
     ``k, v [Tk, Hkv, D]`` -> ``out [Tq, Hq, D]`` (q's dtype), ``lse [Hq, Tq]`` float32."""
     from moba_dist.kernels.triton_fwd import fwd_chunks
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = plan_entries(sel, keys.block_rows.numel() - 1, k.shape[1])
-    return fwd_chunks(q, k, v, q_pos, keys, plan, softmax_scale)
+    prob = _int64_problem(prob)
+    plan = plan_entries(prob.sel, prob.num_blocks, k.shape[1])
+    return fwd_chunks(q, k, v, prob, plan, config)
 
 
-def routed_bwd(
+def routed_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    q_pos: torch.Tensor,
-    keys: RoutedKeys,
-    sel: torch.Tensor,
-    softmax_scale: float,
+    prob: RoutedProblem,
     grad_dtype: torch.dtype = torch.float32,
+    config: BwdConfig = DEFAULT_BWD,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of routed attention over this key set given the *final* ``out`` and
     ``lse [Hq, Tq]`` (see ``reference.reference_routed_bwd``): ``dq [Tq, Hq, D]``,
     ``dk, dv [Tk, Hkv, D]`` in ``grad_dtype`` (float32 by default: CP callers add partial
-    gradients; the single-device op may ask for q's dtype to save memory)."""
+    gradients; the single-device op asks for q's dtype to save memory). ``dlse [Hq, Tq]``: the
+    gradient reaching lse, if any (it enters as ``delta - dlse``)."""
     from moba_dist.kernels.triton_bwd import bwd_all
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout, out = dout.contiguous(), out.contiguous()
-    plan = plan_entries(sel, keys.block_rows.numel() - 1, k.shape[1])
-    return bwd_all(dout, q, k, v, out, lse, q_pos, keys, plan, sel, softmax_scale, grad_dtype)
+    prob = _int64_problem(prob)
+    plan = plan_entries(prob.sel, prob.num_blocks, k.shape[1])
+    return bwd_all(dout, q, k, v, out, lse, prob, plan, grad_dtype, config, dlse)

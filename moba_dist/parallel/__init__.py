@@ -1,5 +1,6 @@
 """Context parallelism for MoBA: sharding layouts, communication, and the CP op."""
 
+from moba_dist.parallel.context import CPContext
 from moba_dist.parallel.cp import moba_cp_attn_varlen
 from moba_dist.parallel.layouts import (
     LAYOUTS,
@@ -13,6 +14,7 @@ from moba_dist.parallel.layouts import (
 
 __all__ = [
     "LAYOUTS",
+    "CPContext",
     "CPPadding",
     "check_layout",
     "local_positions",

@@ -20,7 +20,9 @@ __all__ = [
     "all_to_all_counts",
     "all_to_all_rows",
     "backend_name",
+    "comm_device",
     "group_rank_and_size",
+    "group_size",
     "resolve_group",
 ]
 
@@ -40,6 +42,18 @@ def resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 def group_rank_and_size(group: dist.ProcessGroup) -> tuple[int, int]:
     """This process's rank inside ``group`` (not its global rank) and the group size."""
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def group_size(group: dist.ProcessGroup) -> int:
+    """Number of ranks of ``group``."""
+    return dist.get_world_size(group)
+
+
+def comm_device(group: dist.ProcessGroup) -> torch.device:
+    """Device for small metadata tensors: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if backend_name(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def backend_name(group: dist.ProcessGroup) -> str:

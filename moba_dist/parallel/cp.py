@@ -16,17 +16,16 @@ from torch import nn
 
 from moba_dist.checks import check_attention_inputs
 from moba_dist.config import MoBAConfig
-from moba_dist.kernels.blocks import BlockLayout
 from moba_dist.kernels.dispatch import resolve_backend, routed_bwd, routed_fwd
 from moba_dist.parallel import comm
-from moba_dist.parallel.exchange import CPPlan, make_plan, return_grads, start_fetch
-from moba_dist.parallel.handshake import agree_or_raise, fingerprint
-from moba_dist.parallel.layouts import LAYOUTS, check_layout
-from moba_dist.parallel.plan import build_ownership
+from moba_dist.parallel.context import CPContext
+from moba_dist.parallel.exchange import return_grads, start_fetch
+from moba_dist.parallel.handshake import STRATEGIES, agree_or_raise, fingerprint
+from moba_dist.parallel.layouts import LAYOUTS
+from moba_dist.parallel.plan import CPPlan, make_plan
+from moba_dist.parallel.stats import call_stats as record_stats
 
 __all__ = ["STRATEGIES", "MoBAContextParallel", "moba_cp_attn_varlen"]
-
-STRATEGIES = ("auto", "selective", "allgather")
 
 
 def merge_lse(o1, l1, o2, l2):
@@ -46,16 +45,23 @@ class MoBACPFunction(torch.autograd.Function):
     """Autograd of one CP call; the plan (routing, fetch lists) is built outside and reused."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: CPPlan, scale: float, backend: str, keep: bool, stats: dict):
+    def forward(ctx, q, k, v, plan: CPPlan, scale: float, backend: str, keep: bool):
         q_pos = plan.own.positions
         fetch = start_fetch(plan, k, v)
         o1, l1 = routed_fwd(backend, q, k, v, q_pos, plan.local_keys, plan.sel, scale)
         fetched = fetch()
-        o2, l2 = routed_fwd(backend, q, fetched.k, fetched.v, q_pos, fetched.keys, plan.sel, scale)
-        out, lse = merge_lse(o1, l1, o2, l2)
+        if fetched.keys.k_pos.numel() == 0:
+            # Nothing fetched (a host-known count, no sync): the local part is the result; the
+            # exchange itself still ran, on every rank.
+            out, lse = o1, l1
+        else:
+            o2, l2 = routed_fwd(
+                backend, q, fetched.k, fetched.v, q_pos, fetched.keys, plan.sel, scale
+            )
+            out, lse = merge_lse(o1, l1, o2, l2)
         saved = (fetched.k, fetched.v) if keep else ()
         ctx.save_for_backward(q, k, v, out, lse, *saved)
-        ctx.plan, ctx.scale, ctx.backend, ctx.keep, ctx.stats = plan, scale, backend, keep, stats
+        ctx.plan, ctx.scale, ctx.backend, ctx.keep = plan, scale, backend, keep
         ctx.fetched_keys = fetched.keys if keep else None
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -74,69 +80,53 @@ class MoBACPFunction(torch.autograd.Function):
             fk, fv, fkeys = fetched.k, fetched.v, fetched.keys
         else:
             fk, fv, fkeys = saved[0], saved[1], ctx.fetched_keys
-        dq2, dk_f, dv_f = routed_bwd(
-            backend, dout, q, fk, fv, out, lse, plan.own.positions, fkeys, plan.sel, scale
-        )
-        sent = return_grads(plan, dk_f.to(dk.dtype), dv_f.to(dk.dtype), dk, dv)
-        refetch = 0 if ctx.keep else ctx.stats.get("bytes_received", 0)
-        ctx.stats["bwd_bytes_sent"] = sent + (0 if ctx.keep else ctx.stats.get("bytes_sent", 0))
-        ctx.stats["bwd_bytes_received"] = refetch + _grad_bytes_received(plan, dk)
+        if fkeys.k_pos.numel() == 0:
+            dq2, dk_f, dv_f = 0, fk.to(dk.dtype), fv.to(dk.dtype)
+        else:
+            dq2, dk_f, dv_f = routed_bwd(
+                backend, dout, q, fk, fv, out, lse, plan.own.positions, fkeys, plan.sel, scale
+            )
+        return_grads(plan, dk_f.to(dk.dtype), dv_f.to(dk.dtype), dk, dv)
         dq = dq + dq2
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _grad_bytes_received(plan: CPPlan, dk: torch.Tensor) -> int:
-    row = 2 * dk.shape[-1] * dk.element_size()
-    if plan.strategy == "allgather":
-        return (plan.world - 1) * dk.shape[0] * dk.shape[1] * row
-    return sum(plan.send_counts) * row
-
-
-def moba_density(blocks: BlockLayout, cu_seqlens: torch.Tensor, topk: int) -> float:
-    """Useful keys over dense causal keys for the whole packed batch (moba_semantics.md)."""
-    sizes = (blocks.block_starts[1:] - blocks.block_starts[:-1]).double()
-    index_in_seq = torch.arange(blocks.num_blocks, device=sizes.device) - blocks.block_seq_first
-    past = torch.clamp(index_in_seq, max=topk - 1).double() * blocks.block_size
-    useful = (sizes * (sizes + 1) / 2 + past * sizes).sum()
-    n = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
-    return float(useful / (n * (n + 1) / 2).sum())
-
-
-def _fwd_stats(plan: CPPlan, k: torch.Tensor, density: float) -> dict[str, Any]:
-    row = 2 * k.shape[-1] * k.element_size()
-    if plan.strategy == "allgather":
-        sent = recv = (plan.world - 1) * k.shape[0] * k.shape[1] * row
-    else:
-        sent, recv = sum(plan.send_counts) * row, sum(plan.recv_counts) * row
-    return {
-        "strategy": plan.strategy, "bytes_sent": sent, "bytes_received": recv,
-        "union_fraction": plan.union_fraction, "union_fraction_max": plan.union_fraction_max,
-        "density": density, "world_size": plan.world,
-    }  # fmt: skip
-
-
-def _validate(q, k, v, cu_seqlens, world, cfg: dict, group) -> list[int]:
+def _validate(q, k, v, ctx: CPContext, cfg: dict, group) -> list[int]:
     """Local checks of one rank; returns its handshake fingerprint."""
     q, k, v = check_attention_inputs(q, k, v, "[T_local, H, D]")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
-        got = getattr(cu_seqlens, "dtype", type(cu_seqlens).__name__)
-        raise TypeError(
-            f"cu_seqlens must be an int32 tensor (the global packed offsets), got {got}"
-        )
+    ctx.check_matches(
+        process_group=group, layout=cfg["layout"], moba_chunk_size=cfg["moba_chunk_size"]
+    )
     MoBAConfig(cfg["moba_chunk_size"], cfg["moba_topk"], cfg["softmax_scale"], cfg["backend"])
     if cfg["strategy"] not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg['strategy']!r}")
-    check_layout(cu_seqlens.cpu(), world_size=world, layout=cfg["layout"])
-    expect = int(cu_seqlens[-1]) // world
+    expect = ctx.num_tokens // ctx.world
     if q.shape[0] != expect:
         raise ValueError(
-            f"q/k/v must be this rank's shard of {int(cu_seqlens[-1])} tokens over {world} ranks "
+            f"q/k/v must be this rank's shard of {ctx.num_tokens} tokens over {ctx.world} ranks "
             f"({expect} tokens, as moba_dist.parallel.shard returns), got {q.shape[0]}"
+        )
+    if q.device != ctx.device:
+        raise ValueError(
+            f"q must be on the device of the CPContext's cu_seqlens ({ctx.device}), got {q.device}"
         )
     if comm.backend_name(group) == "gloo" and q.device.type != "cpu":
         raise ValueError(f"a gloo process group moves CPU tensors, got q on {q.device}")
     resolve_backend(cfg["backend"], q, routed=True)
-    return fingerprint(q, k, cu_seqlens, world, cfg)
+    return fingerprint(q, k, list(ctx.row), ctx.world, cfg)
+
+
+def _as_context(cu_seqlens_or_context, cfg: dict, process_group, device) -> CPContext:
+    """A passed context as is; ``cu_seqlens`` builds one (a collective: every rank does it)."""
+    if isinstance(cu_seqlens_or_context, CPContext):
+        return cu_seqlens_or_context
+    cu = cu_seqlens_or_context
+    if isinstance(cu, torch.Tensor) and device is not None and cu.device != device:
+        cu = cu.to(device)
+    return CPContext.build(
+        cu, moba_chunk_size=cfg["moba_chunk_size"], process_group=process_group,
+        layout=cfg["layout"],
+    )  # fmt: skip
 
 
 def _in_backward() -> bool:
@@ -150,7 +140,7 @@ def moba_cp_attn_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | CPContext,
     *,
     moba_chunk_size: int,
     moba_topk: int,
@@ -168,7 +158,10 @@ def moba_cp_attn_varlen(
     Args:
         q: ``[T_local, Hq, D]`` this rank's shard (``moba_dist.parallel.shard`` of the global
             packed ``[T, Hq, D]``); ``k, v``: ``[T_local, Hkv, D]``, ``Hq % Hkv == 0``.
-        cu_seqlens: the *global* packed offsets, int32 ``[nseq + 1]``, identical on every rank.
+        cu_seqlens: the *global* packed offsets, int32 ``[nseq + 1]``, identical on every rank
+            (a repeated offset is an empty sequence and contributes nothing), or a
+            :class:`CPContext` built once per batch from them (skips the per-batch work and
+            its handshake; its group, layout and chunk size must match the call's).
         moba_chunk_size, moba_topk, softmax_scale: as in ``moba_attn_varlen``.
         process_group: the CP group (``None``: torch.distributed's default group). Ranks are
             group ranks, so CP can run on a sub-group of a larger (e.g. DP x CP) world.
@@ -190,23 +183,21 @@ def moba_cp_attn_varlen(
         on configuration or shapes (checked by the first collective, so no rank hangs).
     """
     group = comm.resolve_group(process_group)
-    rank, world = comm.group_rank_and_size(group)
+    rank = comm.group_rank_and_size(group)[0]
     cfg = dict(
         moba_chunk_size=moba_chunk_size, moba_topk=moba_topk, layout=layout,
         softmax_scale=softmax_scale, strategy=strategy, backend=backend,
         keep_fetched=bool(keep_fetched),
     )  # fmt: skip
-    agree_or_raise(lambda: _validate(q, k, v, cu_seqlens, world, cfg, group), group, rank)
+    ctx = _as_context(cu_seqlens, cfg, process_group, getattr(q, "device", None))
+    agree_or_raise(lambda: _validate(q, k, v, ctx, cfg, group), group, rank)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    cu = cu_seqlens.to(q.device)
-    blocks = BlockLayout.build(cu, moba_chunk_size)
-    own = build_ownership(cu, rank, world, layout, q.device)
-    plan = make_plan(q, k, blocks, own, moba_topk, strategy, group, rank, world)
+    plan = make_plan(q, k, ctx, moba_topk, strategy)
     scale = MoBAConfig(moba_chunk_size, moba_topk, softmax_scale).scale_for(q.shape[-1])
     name = resolve_backend(backend, q, routed=True)
     call_stats: dict = {} if stats is None else stats
-    call_stats.update(_fwd_stats(plan, k, moba_density(blocks, cu, moba_topk)))
-    out, lse = MoBACPFunction.apply(q, k, v, plan, scale, name, bool(keep_fetched), call_stats)
+    call_stats.update(record_stats(plan, k, ctx.density(moba_topk), bool(keep_fetched)))
+    out, lse = MoBACPFunction.apply(q, k, v, plan, scale, name, bool(keep_fetched))
     return (out, lse) if return_lse else out
 
 
@@ -214,7 +205,9 @@ class MoBAContextParallel(nn.Module):
     """MoBA attention over a sequence split across the ranks of a process group.
 
     ``forward(q, k, v, cu_seqlens, return_lse=False)`` takes this rank's shards ``[T_local, H,
-    D]`` and the global ``cu_seqlens`` and equals ``moba_attn_varlen`` on the unsharded input
+    D]`` and the global ``cu_seqlens`` (or a :class:`CPContext` built once per batch with
+    ``CPContext.build(cu_seqlens, moba_chunk_size=..., process_group=..., layout=...)`` and
+    passed to every layer) and equals ``moba_attn_varlen`` on the unsharded input
     (up to near-ties of the gate), for any world size and layout. See
     :func:`moba_cp_attn_varlen` for every argument.
 
@@ -248,7 +241,7 @@ class MoBAContextParallel(nn.Module):
         self.last_stats: dict[str, Any] = {}
         self.last_recompute_stats: dict[str, Any] = {}
 
-    def forward(self, q, k, v, cu_seqlens, return_lse: bool = False):
+    def forward(self, q, k, v, cu_seqlens: torch.Tensor | CPContext, return_lse: bool = False):
         stats: dict[str, Any] = {}
         if _in_backward():
             self.last_recompute_stats = stats

@@ -13,9 +13,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from moba_dist.parallel.comm import all_gather_rows, backend_name
+from moba_dist.config import BACKENDS
+from moba_dist.parallel.comm import all_gather_rows, comm_device
+from moba_dist.parallel.layouts import LAYOUTS
 
-__all__ = ["FIELDS", "agree_or_raise", "comm_device"]
+__all__ = ["CONTEXT_FIELDS", "FIELDS", "STRATEGIES", "agree_or_raise", "cu_hash"]
 
 FIELDS = (
     "valid", "world_size", "moba_chunk_size", "moba_topk", "layout", "strategy", "backend",
@@ -24,21 +26,18 @@ FIELDS = (
 )  # fmt: skip
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NAMES = {
-    "layout": ("contiguous", "zigzag"),
-    "strategy": ("auto", "selective", "allgather"),
-    "backend": ("auto", "reference", "varlen", "triton"),
-}
+#: The one list of CP strategy names (``cp.STRATEGIES`` re-exports it).
+STRATEGIES = ("auto", "selective", "allgather")
+_NAMES = {"layout": LAYOUTS, "strategy": STRATEGIES, "backend": BACKENDS}
 
 
-def comm_device(group: dist.ProcessGroup) -> torch.device:
-    """Device for small metadata tensors: NCCL only moves CUDA tensors, gloo CPU ones."""
-    if backend_name(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+#: What the ranks agree on once per batch, in :meth:`CPContext.build`.
+CONTEXT_FIELDS = (
+    "valid", "world_size", "moba_chunk_size", "layout", "T", "nseq", "cu_seqlens_hash",
+)  # fmt: skip
 
 
-def _cu_hash(cu: torch.Tensor) -> int:
+def cu_hash(cu: torch.Tensor) -> int:
     # Position-weighted sum modulo a large prime: equal offsets always agree; a differing offset
     # changes it except with negligible probability.
     w = torch.arange(1, cu.numel() + 1, dtype=torch.int64)
@@ -46,26 +45,33 @@ def _cu_hash(cu: torch.Tensor) -> int:
 
 
 def fingerprint(
-    q: torch.Tensor, k: torch.Tensor, cu: torch.Tensor, world_size: int, cfg: dict
+    q: torch.Tensor, k: torch.Tensor, ctx_row: list[int], world_size: int, cfg: dict
 ) -> list[int]:
-    """Integers describing this rank's call, in :data:`FIELDS` order."""
+    """Integers describing this rank's call, in :data:`FIELDS` order; ``ctx_row`` is the
+    context's ``[T, nseq, cu_seqlens_hash]`` (hashed once per batch, not per layer)."""
     scale_bits = struct.unpack("<q", struct.pack("<d", float(cfg["softmax_scale"] or 0.0)))[0]
     return [
         1, world_size, cfg["moba_chunk_size"], cfg["moba_topk"],
         _NAMES["layout"].index(cfg["layout"]), _NAMES["strategy"].index(cfg["strategy"]),
-        _NAMES["backend"].index(cfg["backend"]), int(cfg["keep_fetched"]), int(cu[-1]),
-        cu.numel() - 1, _cu_hash(cu), q.shape[0], q.shape[1], k.shape[1], q.shape[2],
+        _NAMES["backend"].index(cfg["backend"]), int(cfg["keep_fetched"]), *ctx_row,
+        q.shape[0], q.shape[1], k.shape[1], q.shape[2],
         _DTYPES.index(q.dtype), scale_bits,
     ]  # fmt: skip
 
 
-def agree_or_raise(validate: Callable[[], list[int]], group: dist.ProcessGroup, rank: int) -> None:
-    """Run ``validate`` (returns this rank's fingerprint or raises), exchange, compare."""
+def agree_or_raise(
+    validate: Callable[[], list[int]],
+    group: dist.ProcessGroup,
+    rank: int,
+    fields: tuple[str, ...] = FIELDS,
+) -> None:
+    """Run ``validate`` (returns this rank's fingerprint in ``fields`` order or raises),
+    exchange, compare."""
     error: Exception | None = None
     try:
         row = validate()
     except (TypeError, ValueError) as exc:
-        error, row = exc, [0] * len(FIELDS)
+        error, row = exc, [0] * len(fields)
     table = all_gather_rows(torch.tensor(row, dtype=torch.int64, device=comm_device(group)), group)
     table = table.cpu().tolist()
     if error is not None:
@@ -78,7 +84,7 @@ def agree_or_raise(validate: Callable[[], list[int]], group: dist.ProcessGroup, 
         )
     diffs = [
         f"{name}: " + ", ".join(f"rank {r}={t[i]}" for r, t in enumerate(table))
-        for i, name in enumerate(FIELDS)
+        for i, name in enumerate(fields)
         if len({t[i] for t in table}) > 1
     ]
     if diffs:

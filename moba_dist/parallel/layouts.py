@@ -1,7 +1,8 @@
 """How a packed token stream is split over context-parallel (CP) ranks.
 
 Packed layout: tokens ``[T, ...]`` along a dimension ``dim``, sequence boundaries in
-``cu_seqlens`` (integer, 1-D ``[nseq + 1]``, ``0 = cu[0] < cu[1] < ... < cu[-1] = T``).
+``cu_seqlens`` (integer, 1-D ``[nseq + 1]``, ``0 = cu[0] <= cu[1] <= ... <= cu[-1] = T``;
+a repeated offset is an empty sequence).
 
 Layouts (``P`` = world size):
 
@@ -50,12 +51,14 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor) -> None:
         )
     if int(cu_seqlens[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu_seqlens[0])}")
-    bad = torch.nonzero(cu_seqlens[1:] <= cu_seqlens[:-1])
+    # A repeated offset is an empty sequence (padding-free collators emit them); it holds no
+    # token and no block, so every layout and the CP op simply skip it.
+    bad = torch.nonzero(cu_seqlens[1:] < cu_seqlens[:-1])
     if bad.numel() > 0:
         i = int(bad[0, 0])
         raise ValueError(
-            "cu_seqlens must be strictly increasing (every sequence non-empty), got "
-            f"cu_seqlens[{i}] = {int(cu_seqlens[i])} >= cu_seqlens[{i + 1}] = "
+            "cu_seqlens must be non-decreasing (a repeated offset is an empty sequence), got "
+            f"cu_seqlens[{i}] = {int(cu_seqlens[i])} > cu_seqlens[{i + 1}] = "
             f"{int(cu_seqlens[i + 1])}"
         )
 

@@ -1,33 +1,35 @@
-"""Fetch planning for context-parallel MoBA: which K/V rows a rank needs and who owns them.
+"""The plan of one context-parallel MoBA call: ownership of tokens, global centroids, routing,
+the strategy choice and (selective) the request exchange (steps 1-3 of the CP algorithm).
 
-Pure functions of the layout and the local routing; no process group. Both sides of an exchange
-run the same :func:`expand_requests` on the same request triples, so the requester knows the
-exact order in which rows will arrive, and the owner the order in which to send them.
-
-A request is a triple ``(block j, kv head g, maxpos)``: "the rows of block j, head g, at
-positions <= maxpos". For a past block maxpos lies beyond the block (all rows); for the own block
-it is the last local query of that block, so the causal prefix held by another rank is fetched
-and nothing after it.
+Everything forward and backward share lives in :class:`CPPlan`; the routing is computed once
+and reused by the backward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
-from moba_dist.kernels.blocks import BlockLayout
+from moba_dist.kernels.blocks import BlockLayout, segment_sums
+from moba_dist.kernels.gate import select_blocks
 from moba_dist.kernels.reference import RoutedKeys
-from moba_dist.parallel.layouts import _segment_positions, local_positions
+from moba_dist.parallel import comm
+from moba_dist.parallel.layouts import local_positions
+from moba_dist.parallel.requests import (
+    exchange_requests,
+    expand_requests,
+    needed_requests,
+)
 
 __all__ = [
+    "AUTO_ALLGATHER_FRACTION",
+    "CPPlan",
     "Ownership",
-    "RowSet",
     "build_ownership",
-    "expand_requests",
-    "keys_from_positions",
-    "needed_requests",
-    "rows_for_rank",
+    "global_centroids",
+    "make_plan",
 ]
 
 
@@ -58,51 +60,76 @@ def build_ownership(
     return Ownership(owner=owner, local_index=local_index, positions=mine)
 
 
-def needed_requests(
-    sel: torch.Tensor, q_pos: torch.Tensor, hkv: int, num_blocks: int
-) -> torch.Tensor:
-    """Unique (block, kv head, maxpos) triples ``[n, 3]`` int64 that the routing ``sel [Tq, Hq,
-    K]`` touches, sorted by (block, head); maxpos = last query position that selected it."""
-    hq, k = sel.shape[1:]
-    flat = sel.reshape(-1).to(torch.int64)
-    idx = (flat >= 0).nonzero().squeeze(1)
-    t = idx // (hq * k)
-    g = (idx // k) % hq // (hq // hkv)
-    key = flat[idx] * hkv + g
-    maxpos = torch.full((num_blocks * hkv,), -1, dtype=torch.int64, device=sel.device)
-    maxpos.scatter_reduce_(0, key, q_pos[t], reduce="amax")
-    live = (maxpos >= 0).nonzero().squeeze(1)
-    return torch.stack([live // hkv, live % hkv, maxpos[live]], dim=1)
+#: ``strategy="auto"`` all-gathers K/V once some rank needs more than this share of the remote
+#: (row, head) pairs: past it, many small requests cost more than one bandwidth-optimal gather.
+AUTO_ALLGATHER_FRACTION = 0.5
 
 
-@dataclass(frozen=True)
-class RowSet:
-    """Rows named by requests: global ``pos [n]``, kv ``head [n]`` and the request each came
-    from, ``req [n]``, in request order then ascending position."""
+@dataclass
+class CPPlan:
+    """Everything forward and backward share for one call (routing reused, never recomputed)."""
 
-    pos: torch.Tensor
-    head: torch.Tensor
-    req: torch.Tensor
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    blocks: BlockLayout
+    own: Ownership
+    sel: torch.Tensor  # [T_local, Hq, K] int32 global block ids
+    local_keys: RoutedKeys
+    strategy: str
+    union_fraction: float
+    union_fraction_max: float
+    # selective: rows this rank sends (local row, head) per destination, and receives per source
+    send_row: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    send_head: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    send_counts: list[int] = field(default_factory=list)
+    recv_counts: list[int] = field(default_factory=list)
+    recv_slot: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    recv_head: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    fetched_keys: RoutedKeys | None = None
+    # allgather: global positions of every remote row, ascending
+    remote_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
 
-def expand_requests(triples: torch.Tensor, blocks: BlockLayout) -> RowSet:
-    """All rows of each request triple, whoever owns them."""
-    j, g, maxpos = triples.unbind(1) if triples.numel() else (triples.new_zeros(0),) * 3
-    start = blocks.block_starts[j]
-    end = torch.minimum(blocks.block_starts[j + 1], maxpos + 1)
-    lengths = (end - start).clamp_min(0)
-    pos = _segment_positions(start, lengths)
-    req = torch.repeat_interleave(torch.arange(j.numel(), device=j.device), lengths)
-    return RowSet(pos=pos, head=g[req], req=req)
+def global_centroids(k: torch.Tensor, plan_blocks: BlockLayout, tok: torch.Tensor, group):
+    """Exact centroids ``[N, Hkv, D]`` float32 from all-reduced partial key sums; ``tok
+    [T_local]`` is the global block id of every local token."""
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    sums = segment_sums(k, tok, plan_blocks.num_blocks, plan_blocks.block_size, acc)
+    comm.all_reduce_sum(sums, group)
+    lengths = (plan_blocks.block_starts[1:] - plan_blocks.block_starts[:-1]).to(acc)
+    return sums / lengths.view(-1, 1, 1)
 
 
-def rows_for_rank(rows: RowSet, own: Ownership, rank: int) -> RowSet:
-    """The subset of ``rows`` that ``rank`` owns, order kept."""
-    keep = own.owner[rows.pos] == rank
-    return RowSet(pos=rows.pos[keep], head=rows.head[keep], req=rows.req[keep])
-
-
-def keys_from_positions(pos: torch.Tensor, blocks: BlockLayout) -> RoutedKeys:
-    """Routed-key description of a key set holding the ascending global positions ``pos``."""
-    rows = torch.searchsorted(pos, blocks.block_starts)
-    return RoutedKeys(block_rows=rows, k_pos=pos)
+def make_plan(q, k, ctx, topk: int, strategy: str) -> CPPlan:
+    """Centroids, routing, strategy choice and (selective) request exchange; ``ctx`` is the
+    batch's :class:`~moba_dist.parallel.context.CPContext` (layout, ownership, key sets)."""
+    blocks, own, tok = ctx.blocks, ctx.own, ctx.local_block
+    group, rank, world = ctx.group, ctx.rank, ctx.world
+    centroids = global_centroids(k, blocks, tok, group)
+    sel = select_blocks(q, centroids, tok, blocks.block_seq_first[tok], topk)
+    hkv = k.shape[1]
+    triples = needed_requests(sel, own.positions, tok, hkv, blocks.num_blocks)
+    rows = expand_requests(triples, blocks)
+    remote = own.owner[rows.pos] != rank
+    remote_total = (blocks.num_tokens - own.positions.numel()) * hkv
+    # Destinations of each request: every other rank holding one of its rows.
+    dest = torch.zeros(triples.shape[0], world, dtype=torch.bool, device=q.device)
+    dest[rows.req[remote], own.owner[rows.pos[remote]]] = True
+    stats = torch.tensor(
+        [int(remote.sum()), remote_total, *dest.sum(0).tolist()], dtype=torch.int64
+    )
+    table = comm.all_gather_rows(stats.to(comm.comm_device(group)), group).cpu()
+    fractions = (table[:, 0].double() / table[:, 1].clamp_min(1).double()).tolist()
+    if strategy == "auto":
+        strategy = "allgather" if max(fractions) > AUTO_ALLGATHER_FRACTION else "selective"
+    plan = CPPlan(
+        group=group, rank=rank, world=world, blocks=blocks, own=own, sel=sel,
+        local_keys=ctx.local_keys, strategy=strategy,
+        union_fraction=fractions[rank], union_fraction_max=max(fractions),
+    )  # fmt: skip
+    if strategy == "selective":
+        exchange_requests(plan, triples, dest, table[:, 2:].tolist(), k.device)
+    else:
+        plan.remote_pos = ctx.remote_pos
+    return plan

@@ -1,0 +1,295 @@
+"""GPU check of the fused MoBA gate: routing agreement with a float64 gate, gate and op times.
+
+For every case (2 sequences, H16, D128 unless stated) it measures
+
+- agreement of the Triton gate's selection (as a set per (query, head) row) with a float64 gate
+  on a random subsample of query tokens, raw and outside near-ties (near-tie: the (K-1)-th and
+  K-th best float64 scores differ by < 1e-6 * |q| * max |candidate centroid|; docs/routing.md),
+  for every ``precision`` of the gate;
+- the gate's GPU time (CUDA events, median): centroids + fused scores/top-k + the routing table
+  the attention kernels read (``triton_moba.plan_entries``), each part and the sum;
+- the op forward time (``moba_attn_varlen``, backend triton) and the profiler's per-kernel split.
+
+Usage: ``PYTHONPATH=. python benchmarks/gate_check.py --out DIR [--sweep] [--quick]``; writes
+``gate_check.json`` and ``gate_check.md`` to DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from moba_dist import moba_attn_varlen
+from moba_dist.kernels import triton_gate
+from moba_dist.kernels.blocks import BlockLayout, segment_sums
+from moba_dist.kernels.gate import block_centroids, select_blocks
+from moba_dist.kernels.triton_moba import plan_entries
+
+# name: (tokens per sequence, sequences, Hq, Hkv, D, block, topk, q dtype, time the op)
+CASES = {
+    "small-varlen-gqa": ([1000, 37, 5000, 129], 4, 8, 2, 64, 64, 4, torch.bfloat16, False),
+    "128K-b128-k8-fp16": ([131072] * 2, 2, 16, 16, 128, 128, 8, torch.float16, False),
+    "128K-b128-k8-fp32": ([131072] * 2, 2, 16, 16, 128, 128, 8, torch.float32, False),
+    "128K-b128-k8": ([131072] * 2, 2, 16, 16, 128, 128, 8, torch.bfloat16, True),
+    "128K-b512-k3": ([131072] * 2, 2, 16, 16, 128, 512, 3, torch.bfloat16, True),
+    "128K-b4096-k12": ([131072] * 2, 2, 16, 16, 128, 4096, 12, torch.bfloat16, True),
+    "512K-b128-k8": ([524288] * 2, 2, 16, 16, 128, 128, 8, torch.bfloat16, True),
+}
+SWEEP = [
+    dict(BLOCK_T=128, BLOCK_C=32, num_warps=4, num_stages=3),
+    dict(BLOCK_T=128, BLOCK_C=64, num_warps=8, num_stages=2),
+    dict(BLOCK_T=128, BLOCK_C=64, num_warps=4, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_C=64, num_warps=4, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_C=32, num_warps=4, num_stages=3),
+    dict(BLOCK_T=256, BLOCK_C=64, num_warps=8, num_stages=2),
+    dict(BLOCK_T=256, BLOCK_C=32, num_warps=8, num_stages=3),
+]
+NEAR_TIE = 1e-6
+SAMPLE_TOKENS = 2048
+
+
+def cuda_ms(fn, reps: int) -> float:
+    """Median GPU time of ``fn`` in ms (CUDA events), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def make(lens, hq, hkv, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    t = sum(lens)
+    q, k, v = (
+        torch.randn(t, h, d, device="cuda", generator=g, dtype=dtype) for h in (hq, hkv, hkv)
+    )
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    return q, k, v, cu
+
+
+def reference64(q, k, layout, rows, topk):
+    """Float64 gate on the query tokens ``rows``: sorted selected past-block sets
+    ``[S, Hq, K - 1]`` (-1 padded, then sorted) and the near-tie mask ``[S, Hq]``."""
+    sums = segment_sums(k, layout.token_block, layout.num_blocks, layout.block_size, torch.float64)
+    counts = (layout.block_starts[1:] - layout.block_starts[:-1]).clamp_min(1).double()
+    cen = sums / counts.view(-1, 1, 1)  # [N, Hkv, D]
+    norms = cen.norm(dim=-1)  # [N, Hkv]
+    hq, hkv = q.shape[1], k.shape[1]
+    grp = hq // hkv
+    ids = torch.arange(layout.num_blocks, device=q.device)
+    sets, ties = [], []
+    for r in rows.split(64):
+        own = layout.token_block[r]
+        first = layout.block_seq_first[own]
+        qs = q[r].double()  # [C, Hq, D]
+        s = torch.einsum("cgid,ngd->cgin", qs.view(-1, hkv, grp, qs.shape[-1]), cen)
+        s = s.reshape(len(r), hq, -1)
+        ok = (ids >= first[:, None]) & (ids < own[:, None])  # [C, N]
+        s.masked_fill_(~ok[:, None, :], float("-inf"))
+        vals, order = torch.sort(s, dim=-1, descending=True, stable=True)
+        kp = topk - 1
+        pick = torch.where(vals[..., :kp] > float("-inf"), order[..., :kp], -1)
+        sets.append(pick.sort(-1).values)
+        ncand = ok.sum(1)[:, None]
+        maxn = torch.where(ok[:, None, :], norms.T.repeat_interleave(grp, 0)[None], 0).amax(-1)
+        gap = vals[..., kp - 1] - vals[..., kp]
+        ties.append((ncand >= topk) & (gap < NEAR_TIE * qs.norm(dim=-1) * maxn))
+    return torch.cat(sets), torch.cat(ties)
+
+
+def agreement(sel, ref_sets, ties, rows) -> dict:
+    got = sel[rows][..., 1:].long().sort(-1).values
+    same = (got == ref_sets).all(-1)
+    return dict(
+        rows=same.numel(),
+        raw=same.double().mean().item(),
+        near_tie_rows=int(ties.sum()),
+        outside_near_ties=same[~ties].double().mean().item(),
+        mismatches_outside=int((~same & ~ties).sum()),
+    )
+
+
+def gate_parts(q, k, layout, topk, reps):
+    tok = layout.token_block
+    first = layout.block_seq_first[tok]
+    cen = block_centroids(k, layout)
+    sel = select_blocks(q, cen, tok, first, topk)
+    parts = dict(
+        centroids_ms=cuda_ms(lambda: block_centroids(k, layout), reps),
+        select_ms=cuda_ms(lambda: select_blocks(q, cen, tok, first, topk), reps),
+        routing_table_ms=cuda_ms(lambda: plan_entries(sel, layout.num_blocks, k.shape[1]), reps),
+    )
+    parts["gate_total_ms"] = sum(parts.values())
+    return parts
+
+
+def op_profile(fn) -> list[dict]:
+    """GPU time per kernel name of one call (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            out.append(dict(kernel=ev.key[:90], ms=us / 1000, calls=ev.count))
+    return sorted(out, key=lambda e: -e["ms"])[:12]
+
+
+def sweep(reps: int) -> list[dict]:
+    """Select time of every SWEEP config at 128K x 2, block 128 topk 8 and block 512 topk 3."""
+    res = [dict(cfg=dict(cfg)) for cfg in SWEEP]
+    for name in ("128K-b128-k8", "128K-b512-k3"):
+        lens, _, hq, hkv, d, block, topk, dtype, _ = CASES[name]
+        q, k, _, cu = make(lens, hq, hkv, d, dtype)
+        layout = BlockLayout.build(cu, block)
+        tok = layout.token_block
+        cen, first = block_centroids(k, layout), layout.block_seq_first[tok]
+        for r in res:
+            triton_gate._CONFIG = r["cfg"]
+            try:
+                r[name] = cuda_ms(partial(select_blocks, q, cen, tok, first, topk), reps)
+            except Exception as e:  # a config the compiler rejects (e.g. out of shared memory)
+                r[name] = float("nan")
+                print("sweep", r["cfg"], "failed:", repr(e)[:200], flush=True)
+            print("sweep", name, r["cfg"], r[name], flush=True)
+    for name in ("128K-b128-k8", "128K-b512-k3"):
+        best = min(r[name] for r in res if r[name] == r[name])
+        for r in res:
+            r["score"] = r.get("score", 0.0) + r[name] / best
+    return res
+
+
+def run_case(name, quick: bool) -> dict:
+    lens, _, hq, hkv, d, block, topk, dtype, time_op = CASES[name]
+    q, k, v, cu = make(lens, hq, hkv, d, dtype)
+    layout = BlockLayout.build(cu, block)
+    res = dict(case=name, lens=lens, hq=hq, hkv=hkv, d=d, block=block, topk=topk,
+               dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n_tok = q.shape[0]
+    rows = torch.randperm(n_tok, device="cuda", generator=g)[: min(n_tok, SAMPLE_TOKENS)]
+    ref_sets, ties = reference64(q, k, layout, rows.sort().values, topk)
+    tok = layout.token_block
+    cen, first = block_centroids(k, layout), layout.block_seq_first[tok]
+    for prec in triton_gate.PRECISIONS:
+        sel = select_blocks(q, cen, tok, first, topk, precision=prec)
+        res[f"agreement_{prec}"] = agreement(sel, ref_sets, ties, rows.sort().values)
+        del sel
+        res[f"select_ms_{prec}"] = cuda_ms(
+            lambda p=prec: select_blocks(q, cen, tok, first, topk, precision=p), 3
+        )
+    print(name, {p: res[f"agreement_{p}"] for p in triton_gate.PRECISIONS}, flush=True)
+    reps = 3 if quick else 5
+    res.update(gate_parts(q, k, layout, topk, reps))
+    print(name, "gate", res["gate_total_ms"], flush=True)
+    if time_op:
+
+        def fwd():
+            return moba_attn_varlen(
+                q, k, v, cu, max(lens), moba_chunk_size=block, moba_topk=topk, backend="triton"
+            )
+
+        res["op_forward_ms"] = cuda_ms(fwd, reps)
+        res["gate_share_of_forward"] = res["gate_total_ms"] / res["op_forward_ms"]
+        res["op_forward_kernels"] = op_profile(fwd)
+        print(name, "forward", res["op_forward_ms"], flush=True)
+    return res
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Fused MoBA gate on the H200",
+        "",
+        f"Command: `{report['command']}`; device {report['device']}; torch {report['torch']},"
+        f" triton {report['triton']}; gate config {report['config']}.",
+        "",
+        "Agreement: fraction of sampled (query, head) rows whose selected block set equals a "
+        "float64 gate's; 'outside' excludes near-ties (docs/routing.md).",
+        "",
+        "| case | dtype | float32 raw / outside (mismatches) | bf16x2 raw / outside | bf16 raw / "
+        "outside | select ms float32 / bf16x2 / bf16 | centroids ms | select ms | routing table"
+        " ms | gate ms | op fwd ms | share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["cases"]:
+        if "error" in r:
+            lines.append(f"| {r['case']} | error: {r['error'][:120]} |")
+            continue
+        ag = [r[f"agreement_{p}"] for p in triton_gate.PRECISIONS]
+        cells = [f"{a['raw']:.6f} / {a['outside_near_ties']:.6f} ({a['mismatches_outside']})"
+                 for a in ag]  # fmt: skip
+        cells.append(" / ".join(f"{r[f'select_ms_{p}']:.2f}" for p in triton_gate.PRECISIONS))
+        fwd = r.get("op_forward_ms")
+        share = f"{r['gate_share_of_forward']:.1%}" if fwd else "-"
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {' | '.join(cells)} | {r['centroids_ms']:.2f} | "
+            f"{r['select_ms']:.2f} | {r['routing_table_ms']:.2f} | {r['gate_total_ms']:.2f} | "
+            f"{'-' if fwd is None else round(fwd, 2)} | {share} |"
+        )
+    for r in report["cases"]:
+        if r.get("op_forward_kernels"):
+            lines += ["", f"## {r['case']}: op forward, GPU time per kernel (profiler)", "",
+                      "| kernel | ms | calls |", "|---|---|---|"]  # fmt: skip
+            lines += [f"| `{e['kernel']}` | {e['ms']:.2f} | {e['calls']} |"
+                      for e in r["op_forward_kernels"]]  # fmt: skip
+    if report.get("sweep"):
+        lines += ["", "## Gate kernel configs: select ms at 128K x 2 (b128 k8, b512 k3)", ""]
+        lines += [f"- {s['cfg']}: {s['128K-b128-k8']:.2f}, {s['128K-b512-k3']:.2f}"
+                  for s in report["sweep"]]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sweep", action="store_true", help="time tile configs first, keep the best")
+    ap.add_argument("--quick", action="store_true", help="3 timing repetitions instead of 5")
+    ap.add_argument("--cases", default=",".join(CASES))
+    args = ap.parse_args()
+    import triton
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(
+        command="PYTHONPATH=. python benchmarks/gate_check.py " + " ".join(
+            f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items() if v
+        ),
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        cases=[],
+    )  # fmt: skip
+    keep = dict(triton_gate._CONFIG)
+    if args.sweep:
+        report["sweep"] = sweep(3)
+        ok = [s for s in report["sweep"] if s["score"] == s["score"]]
+        triton_gate._CONFIG = min(ok, key=lambda s: s["score"])["cfg"] if ok else keep
+    report["config"] = dict(triton_gate._CONFIG)
+    for name in args.cases.split(","):
+        t0 = time.time()
+        try:
+            with torch.no_grad():
+                res = run_case(name, args.quick)
+        except Exception as e:  # keep the other cases' results
+            res = dict(case=name, error=repr(e))
+            print(name, "failed:", repr(e), flush=True)
+        res["wall_s"] = time.time() - t0
+        report["cases"].append(res)
+        torch.cuda.empty_cache()
+        (out / "gate_check.json").write_text(json.dumps(report, indent=1))
+        (out / "gate_check.md").write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
