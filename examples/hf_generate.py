@@ -6,10 +6,12 @@
 
 ``register_moba`` makes ``attn_implementation="moba"`` available; the prompt is prefilled with
 the MoBA op and every new token is decoded with MoBA through ``MoBACache`` (the block key sums
-travel with the KV cache). With ``--check`` the tokens are compared with greedy decoding by full
-recomputation (no cache), which must agree. Without ``--model`` a tiny randomly initialised
-Llama with a byte-level "tokenizer" is built, so the script runs offline in seconds (its text
-is gibberish: the weights are random).
+travel with the KV cache; ``--static`` preallocates a ``MoBAStaticCache`` instead). The cache is
+passed as ``cache=`` on transformers releases that deprecate ``past_key_values=``, as
+``past_key_values=`` before (``CACHE_ARG``; both spellings work). With ``--check`` the tokens
+are compared with greedy decoding by full recomputation (no cache), which must agree. Without
+``--model`` a tiny randomly initialised Llama with a byte-level "tokenizer" is built, so the
+script runs offline in seconds (its text is gibberish: the weights are random).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from moba_dist.integrations.hf import MoBACache, register_moba
+from moba_dist.integrations.hf import CACHE_ARG, MoBACache, MoBAStaticCache, register_moba
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=3, help="moba_topk (blocks per query, own included)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--check", action="store_true", help="compare with cache-less decoding")
+    p.add_argument("--static", action="store_true", help="preallocated MoBAStaticCache")
     return p.parse_args()
 
 
@@ -69,9 +72,14 @@ def load(args: argparse.Namespace, attn: str):
     return model.to(args.device), tok
 
 
-def generate(model, ids: torch.Tensor, n: int, cached: bool) -> torch.Tensor:
-    """Greedy decoding of ``n`` tokens: with a MoBACache, or recomputing everything each step."""
-    cache = {"past_key_values": MoBACache(model.config)} if cached else {"use_cache": False}
+def generate(model, ids: torch.Tensor, n: int, cached: bool, static: bool = False) -> torch.Tensor:
+    """Greedy decoding of ``n`` tokens: with a MoBA cache, or recomputing everything each step."""
+    if not cached:
+        cache = {"use_cache": False}
+    elif static:
+        cache = {CACHE_ARG: MoBAStaticCache(model.config, max_cache_len=ids.shape[1] + n)}
+    else:
+        cache = {CACHE_ARG: MoBACache(model.config)}
     pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id
     with torch.no_grad():
         out = model.generate(
@@ -87,7 +95,7 @@ def main() -> None:
     model, tok = load(args, attn)
     ids = torch.tensor([tok.encode(args.prompt)], device=args.device)
     start = time.perf_counter()
-    new = generate(model, ids, args.max_new_tokens, cached=True)
+    new = generate(model, ids, args.max_new_tokens, cached=True, static=args.static)
     secs = time.perf_counter() - start
     total = ids.shape[1] + new.numel()
     print(f"model: {args.model or 'tiny random Llama'}  attention: MoBA block={args.block} "

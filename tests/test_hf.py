@@ -9,6 +9,7 @@ staying far below the MoBA-vs-dense gap the tests also check.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -23,7 +24,13 @@ from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 from moba_dist import moba_attn_func  # noqa: E402
 from moba_dist.config import MoBAConfig  # noqa: E402
 from moba_dist.integrations import hf_decode  # noqa: E402
-from moba_dist.integrations.hf import MoBACache, moba_attention_forward, register_moba  # noqa: E402
+from moba_dist.integrations.hf import (  # noqa: E402
+    CACHE_ARG,
+    MoBACache,
+    MoBAStaticCache,
+    moba_attention_forward,
+    register_moba,
+)
 
 # float64 model: paths differ only in summation order (~1e-13 on these logits).
 ATOL = 1e-9
@@ -163,7 +170,7 @@ def test_greedy_generate_matches_recompute_and_oracle(model, block, topk):
     # 6-token prompt + 18 new tokens: the decode steps cross 4-5 block boundaries.
     ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
     use(model, register_moba(block, topk, name=f"moba_b{block}_k{topk}"))
-    toks, lg = greedy(model, ids, 18, past_key_values=MoBACache(model.config))
+    toks, lg = greedy(model, ids, 18, **{CACHE_ARG: MoBACache(model.config)})
     toks_nc, lg_nc = greedy(model, ids, 18, use_cache=False)
     toks_or, lg_or = oracle_greedy(use(model, register_oracle(block, topk)), ids, 18)
     assert torch.equal(toks, toks_nc) and torch.equal(toks, toks_or)
@@ -174,7 +181,7 @@ def test_greedy_generate_matches_recompute_and_oracle(model, block, topk):
 def test_generate_without_moba_cache_warns_and_matches(model):
     ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
     use(model, "moba")
-    toks, lg = greedy(model, ids, 10, past_key_values=MoBACache(model.config))
+    toks, lg = greedy(model, ids, 10, **{CACHE_ARG: MoBACache(model.config)})
     with pytest.warns(UserWarning, match="without MoBACache"):
         toks_dc, lg_dc = greedy(model, ids, 10)  # transformers' default DynamicCache
     assert torch.equal(toks, toks_dc)
@@ -206,9 +213,9 @@ def test_padded_prefill_matches_unpadded_rows(model, left):
 def test_left_padded_generate_matches_rows(model):
     rows, ids, mask = padded_batch([9, 3, 6], 9, left=True)
     use(model, "moba")
-    toks, lg = greedy(model, ids, 12, attention_mask=mask, past_key_values=MoBACache(model.config))
+    toks, lg = greedy(model, ids, 12, attention_mask=mask, **{CACHE_ARG: MoBACache(model.config)})
     for b, r in enumerate(rows):
-        t1, l1 = greedy(model, r[None], 12, past_key_values=MoBACache(model.config))
+        t1, l1 = greedy(model, r[None], 12, **{CACHE_ARG: MoBACache(model.config)})
         assert torch.equal(toks[b], t1[0])
         torch.testing.assert_close(lg[b], l1[0], atol=ATOL_GEN, rtol=0)
 
@@ -216,7 +223,7 @@ def test_left_padded_generate_matches_rows(model):
 def test_right_padded_generate_raises(model):
     _, ids, mask = padded_batch([9, 5], 9, left=False)
     with pytest.raises(ValueError, match="right padding"):
-        greedy(use(model, "moba"), ids, 3, attention_mask=mask, past_key_values=MoBACache())
+        greedy(use(model, "moba"), ids, 3, attention_mask=mask, **{CACHE_ARG: MoBACache()})
 
 
 def test_mask_with_hole_raises(model):
@@ -243,8 +250,8 @@ def test_chunked_prefill_into_cache_matches_full(model, budget, monkeypatch):
     ids = torch.randint(1, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5))
     use(model, "moba")
     cache = MoBACache(model.config)
-    first = logits(model, ids[:, :9], past_key_values=cache)
-    rest = logits(model, ids[:, 9:], past_key_values=cache)
+    first = logits(model, ids[:, :9], **{CACHE_ARG: cache})
+    rest = logits(model, ids[:, 9:], **{CACHE_ARG: cache})
     torch.testing.assert_close(torch.cat([first, rest], 1), logits(model, ids), atol=ATOL, rtol=0)
 
 
@@ -254,7 +261,7 @@ def fill(model, ids, mask=None):
     mask = torch.ones_like(ids) if mask is None else mask
     for s0, s1 in [(0, n - 3), (n - 3, n - 2), (n - 2, n - 1), (n - 1, n)]:
         pos = left_positions(mask)[:, s0:s1]
-        logits(model, ids[:, s0:s1], mask[:, :s1], pos, past_key_values=cache)
+        logits(model, ids[:, s0:s1], mask[:, :s1], pos, **{CACHE_ARG: cache})
     return cache
 
 
@@ -275,7 +282,7 @@ def test_cache_crop_then_continue(model):
     cache.crop(-6)  # back to 13 tokens: block 3 (positions 12..15) must be re-summed
     # New candidate tokens fed as one chunk, as assisted decoding does after a rejection.
     ids[:, 13:] = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
-    got = logits(model, ids[:, 13:], past_key_values=cache)
+    got = logits(model, ids[:, 13:], **{CACHE_ARG: cache})
     torch.testing.assert_close(got, logits(model, ids)[:, 13:], atol=ATOL, rtol=0)
 
 
@@ -304,7 +311,7 @@ def test_cache_batch_reorder_matches_fresh(model, how):
     index = torch.tensor([0, 0, 1, 1, 2, 2] if repeat else [2, 0, 0])
     getattr(cache, how)(2 if repeat else index)
     ids, mask = ids[index], mask[index]
-    got = logits(model, ids[:, -1:], mask, left_positions(mask)[:, -1:], past_key_values=cache)
+    got = logits(model, ids[:, -1:], mask, left_positions(mask)[:, -1:], **{CACHE_ARG: cache})
     want = logits(model, ids, mask, left_positions(mask))[:, -1:]
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
@@ -314,7 +321,7 @@ def test_beam_search_matches_no_cache(model):
     use(model, "moba")
     kw = {"max_new_tokens": 10, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
-        cached = model.generate(ids, past_key_values=MoBACache(model.config), **kw)
+        cached = model.generate(ids, **{CACHE_ARG: MoBACache(model.config)}, **kw)
         fresh = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached, fresh)
 
@@ -325,22 +332,34 @@ def test_prompt_lookup_decoding_matches_no_cache(model):
     kw = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         cached = use(model, "moba").generate(
-            ids, prompt_lookup_num_tokens=3, past_key_values=MoBACache(model.config), **kw
+            ids, prompt_lookup_num_tokens=3, **{CACHE_ARG: MoBACache(model.config)}, **kw
         )
         fresh = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached, fresh)
 
 
-def test_prefill_backward_with_padding(model):
+def grads(model, ids, mask):
+    """Parameter gradients of the padded batch's LM loss (padding excluded from the labels)."""
+    model.zero_grad(set_to_none=True)
+    model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_prefill_backward_with_padding_matches_oracle(model):
+    # The oracle is plain differentiable PyTorch (dense mask from the semantics): gradients of
+    # every weight must agree to float64 summation noise, and differ from dense attention's.
     _, ids, mask = padded_batch([10, 6], 10, left=False)
-    use(model, "moba").train()
+    model.train()
     try:
-        loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        assert grads and all(torch.isfinite(g).all() for g in grads)
+        got = grads(use(model, "moba"), ids, mask)
+        want = grads(use(model, register_oracle(4, 2)), ids, mask)
+        dense = grads(use(model, "sdpa"), ids, mask)
     finally:
-        model.eval().zero_grad(set_to_none=True)
+        use(model, "moba").eval().zero_grad(set_to_none=True)
+    assert got.keys() == want.keys() and len(got) == len(list(model.parameters()))
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=0, msg=name)
+    assert max((got[n] - dense[n]).abs().max() for n in got) > 1e-4
 
 
 def test_from_pretrained_with_attn_implementation(model, tmp_path):
@@ -349,6 +368,66 @@ def test_from_pretrained_with_attn_implementation(model, tmp_path):
     assert loaded.config._attn_implementation == "moba"
     ids = torch.randint(1, VOCAB, (1, 9))
     torch.testing.assert_close(logits(loaded.double(), ids), logits(use(model, "moba"), ids))
+
+
+def test_both_cache_spellings_give_the_same_tokens(model):
+    # transformers 5.2x renamed generate(past_key_values=) to cache= (the old one warns); MoBA's
+    # cache works under either name and gives the same tokens.
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(9))
+    use(model, "moba")
+    toks, lg = greedy(model, ids, 9, **{CACHE_ARG: MoBACache(model.config)})
+    with contextlib.ExitStack() as stack:
+        if CACHE_ARG == "cache":  # the old name still works, with transformers' deprecation
+            stack.enter_context(pytest.warns(FutureWarning, match="past_key_values"))
+        toks_old, lg_old = greedy(model, ids, 9, past_key_values=MoBACache(model.config))
+    toks_nc, _ = greedy(model, ids, 9, use_cache=False)
+    assert torch.equal(toks, toks_nc) and torch.equal(toks_old, toks_nc)
+    torch.testing.assert_close(lg, lg_old, atol=0, rtol=0)
+
+
+def test_static_cache_left_padded_generate_matches_recompute(model):
+    rows, ids, mask = padded_batch([9, 3, 6], 9, left=True)
+    use(model, "moba")
+    cache = MoBAStaticCache(model.config, max_cache_len=9 + 14)
+    toks, lg = greedy(model, ids, 14, attention_mask=mask, **{CACHE_ARG: cache})
+    toks_nc, lg_nc = greedy(model, ids, 14, attention_mask=mask, use_cache=False)
+    assert torch.equal(toks, toks_nc)
+    torch.testing.assert_close(lg, lg_nc, atol=ATOL_GEN, rtol=0)
+    for layer in cache.layers:  # preallocated once, never grown
+        assert layer._kbuf.shape[2] == 23 and layer.moba_sums.shape[2] == 23 // 4
+    for b, r in enumerate(rows):
+        assert torch.equal(
+            toks[b], oracle_greedy(use(model, register_oracle(4, 2)), r[None], 14)[0][0]
+        )
+        use(model, "moba")
+
+
+def test_static_cache_beam_search_and_prompt_lookup_match_no_cache(model):
+    # Beam search reorders the cache every step; prompt lookup crops it on rejected proposals.
+    # The references are the same search without a cache (plain greedy for prompt lookup).
+    use(model, "moba")
+    kw = {"do_sample": False, "pad_token_id": 0}
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(7))
+    look = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])
+    cases = [
+        ({"num_beams": 3}, {"num_beams": 3}, ids, 10),
+        ({"prompt_lookup_num_tokens": 3}, {}, look, 16),
+    ]
+    with torch.no_grad():
+        for extra, ref, x, n in cases:
+            cache = MoBAStaticCache(model.config, max_cache_len=x.shape[1] + n + 4)
+            cached = model.generate(x, max_new_tokens=n, **{CACHE_ARG: cache}, **extra, **kw)
+            fresh = model.generate(x, max_new_tokens=n, use_cache=False, **ref, **kw)
+            assert torch.equal(cached, fresh), extra
+
+
+def test_static_cache_full_raises(model):
+    ids = torch.randint(1, VOCAB, (1, 6))
+    cache = MoBAStaticCache(model.config, max_cache_len=8)
+    with pytest.raises(ValueError, match="max_cache_len=8"):
+        greedy(use(model, "moba"), ids, 5, **{CACHE_ARG: cache})
+    with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+        MoBAStaticCache(model.config, max_cache_len=0)
 
 
 class _Attn(torch.nn.Module):
@@ -418,14 +497,14 @@ def test_sliding_window_model_raises():
 def test_static_cache_raises(model):
     cache = transformers.StaticCache(config=model.config, max_cache_len=16)
     with pytest.raises(NotImplementedError, match="static"):
-        logits(use(model, "moba"), torch.randint(1, VOCAB, (1, 5)), past_key_values=cache)
+        logits(use(model, "moba"), torch.randint(1, VOCAB, (1, 5)), **{CACHE_ARG: cache})
 
 
 def test_block_size_change_in_cache_raises(model):
     ids = torch.randint(1, VOCAB, (1, 9))
     cache = fill(use(model, "moba"), ids)
     with pytest.raises(ValueError, match="moba_chunk_size changed"):
-        logits(use(model, register_moba(5, 2, name="moba_b5")), ids[:, -1:], past_key_values=cache)
+        logits(use(model, register_moba(5, 2, name="moba_b5")), ids[:, -1:], **{CACHE_ARG: cache})
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,12 @@
 
     register_moba(moba_chunk_size=4096, moba_topk=12)  # registers "moba"
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="moba")
-    out = model.generate(**inputs, past_key_values=MoBACache(model.config), max_new_tokens=64)
+    out = model.generate(**inputs, cache=MoBACache(model.config), max_new_tokens=64)
+
+The cache keyword is ``cache=`` on transformers releases that renamed it (they warn that
+``past_key_values=`` is deprecated) and ``past_key_values=`` before; both take the same object,
+and :data:`CACHE_ARG` names the installed release's spelling. :class:`MoBAStaticCache` is the
+same cache preallocated for a known ``max_cache_len``.
 
 Any model whose attention goes through transformers' ``AttentionInterface`` with causal full
 attention (the Llama family: Llama, Mistral without sliding window, Qwen2/3, ...) then runs MoBA:
@@ -18,19 +23,22 @@ attention (the Llama family: Llama, Mistral without sliding window, Qwen2/3, ...
   mask, no cache: transformers' padding-free format) become separate sequences.
 - Cached decoding (query length < key length): MoBA, not dense. A new query at position t attends
   to its own block (positions ``block_start..t``) plus the top-(K-1) complete past blocks by
-  ``q . centroid`` (float32, ties to the lower block), gathering only those K blocks' keys.
+  ``q . centroid`` (float32, ties to the lower block), reading only those K blocks' keys: on
+  CUDA one Triton kernel per layer reads them in place from the preallocated cache.
   Centroids come from :class:`MoBACache`, which keeps block key sums up to date as keys are
   appended; with any other dynamic cache the sums are recomputed from all keys each step (same
   result, slower, with a warning). Batched generation needs left padding.
 
 Not supported (clear errors): attention dropout, sliding-window / chunked / non-causal
-attention, logit soft-capping, attention sinks, custom 4-D masks, static (compileable) caches,
-right-padded rows followed by generated tokens. The gate has no gradient (as in the op); the
+attention, logit soft-capping, attention sinks, custom 4-D masks, transformers' own static
+(compileable) caches (use :class:`MoBAStaticCache`), right-padded rows followed by generated
+tokens. The gate has no gradient (as in the op); the
 prefill is differentiable, so training through ``model(...)`` works.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +59,7 @@ try:
         check_full_attention_config,
         find_moba_layer,
     )
+    from moba_dist.integrations.hf_static_cache import MoBAStaticCache
 except ImportError as exc:  # pragma: no cover - depends on the installed transformers
     raise ImportError(
         "moba_dist.integrations.hf needs transformers >= 4.56 (pip install 'moba-dist[hf]'), "
@@ -66,12 +75,23 @@ if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56):
     )
 
 __all__ = [
+    "CACHE_ARG",
     "MoBACache",
     "MoBAMask",
+    "MoBAStaticCache",
     "moba_attention_forward",
     "moba_attention_mask",
     "register_moba",
 ]
+
+# The cache keyword of generate() and model forwards in the installed transformers: "cache"
+# where past_key_values is deprecated (5.2x), "past_key_values" before. Both take a MoBACache.
+# generate() hides its keywords in **kwargs, so a reference model's forward is read instead.
+CACHE_ARG = (
+    "cache"
+    if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters
+    else "past_key_values"
+)
 
 # Substrings transformers gives a meaning to inside attn_implementation names (flash/flex/sdpa
 # dispatch, "paged|" prefixes, hub kernels "org/repo"): a MoBA name must avoid them.
@@ -380,7 +400,7 @@ def _decode(
     else:
         warnings.warn(
             "MoBA decoding without MoBACache recomputes block centroids from every cached key at "
-            "each step; pass past_key_values=MoBACache(model.config) to generate() or forward()",
+            f"each step; pass {CACHE_ARG}=MoBACache(model.config) to generate() or forward()",
             stacklevel=2,
         )
         sums = _scan_sums(key, starts, block)

@@ -7,6 +7,12 @@ of every row and adds a block's sum once, when its last key is appended (amortis
 token). The sums follow the cache through ``reorder_cache`` (beam search), ``batch_select_indices``,
 ``batch_repeat_interleave``, ``crop`` (assisted decoding) and ``reset``.
 
+Keys and values live in preallocated buffers ``[Bt, Hkv, capacity, D]`` (capacity doubling, or
+``max_cache_len`` up front): ``layer.keys`` is a view of the first L slots, so appending a token
+writes one slot instead of concatenating the whole cache. Whatever replaces ``layer.keys`` by a
+new tensor (``reorder_cache``, ``batch_select_indices``, ...) is re-seated into a fresh buffer on
+the next append.
+
 A layer learns the block size and each row's first real slot (left padding) from the MoBA
 attention function on its first call; from then on ``update`` keeps the sums current. The
 attention function finds a key tensor's layer through a weak reference the layer attaches to its
@@ -22,7 +28,13 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from moba_dist.integrations.hf_decode import block_sums
 
-__all__ = ["MoBACache", "MoBALayer", "check_full_attention_config", "find_moba_layer"]
+__all__ = [
+    "MoBACache",
+    "MoBALayer",
+    "check_full_attention_config",
+    "find_moba_layer",
+    "moba_layer_factory",
+]
 
 
 class MoBALayer(DynamicLayer):
@@ -34,8 +46,11 @@ class MoBALayer(DynamicLayer):
     Block j of row b covers slots ``moba_starts[b] + j*B ..`` and is summed once it is complete.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, max_cache_len: int | None = None, grow: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.moba_capacity, self.moba_grow = max_cache_len, grow
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
         self._moba_clear()
 
     def _moba_clear(self) -> None:
@@ -52,12 +67,52 @@ class MoBALayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``key_states, value_states [Bt, Hkv, n, D]``; sum every block they complete."""
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        """Append ``key_states, value_states [Bt, Hkv, n, D]`` in place; sum every block they
+        complete."""
+        if self.keys is None or not getattr(self, "is_initialized", True):
+            super().update(key_states[:, :, :0], value_states[:, :, :0], *args, **kwargs)
+        self._append(key_states, value_states)
+        keys, values = self.keys, self.values
         if self.moba_block is not None:
             self._moba_catch_up()
         self._moba_tag()
         return keys, values
+
+    def _seated(self) -> bool:
+        """True when ``keys``/``values`` are still views of the start of this layer's buffers."""
+        return all(
+            buf is not None and x.data_ptr() == buf.data_ptr() and x.stride() == buf.stride()
+            and x.shape[:2] == buf.shape[:2]
+            for x, buf in ((self.keys, self._kbuf), (self.values, self._vbuf))
+        )  # fmt: skip
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        length, n = self.keys.shape[-2], key_states.shape[-2]
+        if not self._seated() or length + n > self._kbuf.shape[2]:
+            self._reseat(length + n, key_states, value_states)
+        self._kbuf[:, :, length : length + n] = key_states
+        self._vbuf[:, :, length : length + n] = value_states
+        self.keys = self._kbuf[:, :, : length + n]
+        self.values = self._vbuf[:, :, : length + n]
+
+    def _reseat(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Move the cached tokens into buffers holding at least ``need`` slots."""
+        cap = 0 if self._kbuf is None else self._kbuf.shape[2]
+        if self.moba_capacity is not None and need > self.moba_capacity and not self.moba_grow:
+            raise ValueError(
+                f"the cache is full: max_cache_len={self.moba_capacity} slots, {need} needed; "
+                "build the cache with a larger max_cache_len"
+            )
+        # Doubling keeps the copies amortised O(1) per token.
+        size = max(need, 2 * cap if self._seated() else need, self.moba_capacity or 0)
+        length = self.keys.shape[-2]
+        bufs = []
+        for old, new in ((self.keys, key_states), (self.values, value_states)):
+            buf = new.new_empty(new.shape[0], new.shape[1], size, new.shape[3])
+            buf[:, :, :length] = old
+            bufs.append(buf)
+        self._kbuf, self._vbuf = bufs
+        self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
 
     def moba_sums_for(self, keys: torch.Tensor, block: int, starts: list[int]) -> torch.Tensor:
         """Attach (first call) or check the layer, then return ``sums [Bt, Hkv, >=n, D]`` where n
@@ -109,6 +164,9 @@ class MoBALayer(DynamicLayer):
     def _moba_reserve(self, n_blocks: int) -> None:
         bt, hkv, _, d = self.keys.shape
         cap = 0 if self.moba_sums is None else self.moba_sums.shape[2]
+        if not self.moba_grow and self.moba_capacity is not None:
+            # Fixed storage: one table for every block the capacity can complete.
+            n_blocks = max(n_blocks, self.moba_capacity // self.moba_block)
         if self.moba_sums is not None and n_blocks <= cap:
             return
         acc = torch.float64 if self.keys.dtype == torch.float64 else torch.float32
@@ -155,6 +213,7 @@ class MoBALayer(DynamicLayer):
     def reset(self) -> None:
         """Empty the layer, MoBA state included."""
         super().reset()
+        self._kbuf = self._vbuf = None
         self._moba_clear()
 
     def prefetch(self) -> None:
@@ -202,10 +261,25 @@ class MoBACache(DynamicCache):
     Args:
         config: optional model config, checked to have only full-attention layers (no sliding
             window or chunked layers).
+        max_cache_len: optional slots to preallocate per layer (prompt + new tokens); the
+            buffers still grow (doubling) if more are appended.
     """
 
-    def __init__(self, config: object | None = None) -> None:
+    def __init__(self, config: object | None = None, max_cache_len: int | None = None) -> None:
         if config is not None:
             check_full_attention_config(config, "MoBACache")
+        if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
+            raise ValueError(f"max_cache_len must be a positive int or None, got {max_cache_len!r}")
         # Skip DynamicCache's per-layer-type dispatch: every layer is a MoBALayer, made lazily.
-        Cache.__init__(self, layer_class_to_replicate=MoBALayer)
+        Cache.__init__(self, layer_class_to_replicate=moba_layer_factory(max_cache_len, grow=True))
+
+
+def moba_layer_factory(max_cache_len: int | None, grow: bool):
+    """A zero-argument layer maker for ``Cache(layer_class_to_replicate=...)``."""
+    if max_cache_len is None and grow:
+        return MoBALayer
+
+    def make() -> MoBALayer:
+        return MoBALayer(max_cache_len=max_cache_len, grow=grow)
+
+    return make

@@ -14,11 +14,21 @@ blocks strictly before it, scored ``q . mean(k of block)`` in float32 (float64 f
 inputs), exact ties to the lower block: the same rule as the single-device gate
 (``moba_dist.kernels.gate``). Blocks strictly before a query's own block are always complete,
 so a centroid is always ``sum / block``; the cache keeps only complete blocks' sums.
+
+One new query per row (the decode step proper) runs through :func:`moba_decode_step`: the gate
+over a fixed number of block sums and the selected blocks read in place from a preallocated cache
+by one Triton kernel (:mod:`moba_dist.kernels.triton_decode`; :func:`decode_attend` is its
+pure-PyTorch twin). Every shape depends on the cache capacity only and positions are device
+tensors, so the step is CUDA-graph capturable.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from moba_dist.kernels.dispatch import TRITON_MISSING, triton_installed
 
 # The same IEEE-float32 guard the library's gate uses (no TF32 for gate scores).
 from moba_dist.kernels.gate import _exact_fp32, gate_dtype
@@ -26,8 +36,10 @@ from moba_dist.kernels.gate import _exact_fp32, gate_dtype
 __all__ = [
     "block_sums",
     "decode_attend",
+    "decode_backend",
     "decode_select",
     "moba_decode",
+    "moba_decode_step",
     "query_positions",
     "union_blocks",
 ]
@@ -58,6 +70,14 @@ def moba_decode(
     kv_len = k.shape[2]
     t = query_positions(starts, kv_len, nq)
     n_cand = (kv_len - 1 - int(starts.min())) // block  # the largest own-block index
+    if nq == 1 and decode_backend("auto", q) == "triton":
+        from moba_dist.kernels.triton_decode import decode_attend_triton
+
+        sel = decode_select(q, sums, t, block, topk, n_cand)
+        out = decode_attend_triton(
+            q[:, :, 0], k, v, sel[:, 0], starts, t[:, 0], block, scale, n_blocks=n_cand + 1
+        )
+        return out[:, None]
     step = max(1, _GATHER_BUDGET // (hq * (n_cand + 1) * block))
     outs = []
     for i0 in range(0, nq, step):
@@ -65,6 +85,76 @@ def moba_decode(
         sel = decode_select(qc, sums, tc, block, topk, n_cand)
         outs.append(decode_attend(qc, k, v, sel, tc, starts, block, scale))
     return torch.cat(outs, 1)
+
+
+def decode_backend(backend: str, q: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for a decode step on tensors like ``q [..., D]``.
+
+    ``"auto"`` takes the Triton kernel for 16/32-bit CUDA tensors with D in 16..128 (a power of
+    two) and the PyTorch twin otherwise; an explicit ``"triton"`` that cannot run raises (it runs
+    on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be one of auto, triton, torch; got {backend!r}")
+    if backend == "torch":
+        return backend
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    reason = None
+    if not triton_installed():
+        reason = TRITON_MISSING
+    elif q.device.type != "cuda" and not interpreted:
+        reason = f"it needs a CUDA tensor (or TRITON_INTERPRET=1), got {q.device}"
+    elif q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reason = f"it takes float16/bfloat16/float32, got {q.dtype}"
+    elif q.shape[-1] not in (16, 32, 64, 128):
+        reason = f"it takes head_dim 16, 32, 64 or 128, got {q.shape[-1]}"
+    if backend == "auto":
+        return "triton" if reason is None and q.device.type == "cuda" else "torch"
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot run this decode step: {reason}")
+    return backend
+
+
+def moba_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sums: torch.Tensor,
+    starts: torch.Tensor,
+    t: torch.Tensor,
+    block: int,
+    topk: int,
+    scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One MoBA decode step over a preallocated cache, with no host synchronisation.
+
+    Args:
+        q: ``[Bt, Hq, D]`` one new query per row.
+        k, v: ``[Bt, Hkv, capacity, D]`` caches (strided views are read in place); row b's key at
+            in-sequence position p is slot ``starts[b] + p``, the query's own key included.
+        sums: ``[Bt, Hkv, n, D]`` key sums per block (gate dtype); only complete blocks before a
+            query's own block are read, so partial sums of later blocks may be anything.
+        starts, t: ``[Bt]`` int device tensors, first real slot and query position per row.
+        block, topk, scale: MoBA block size, K, softmax scale.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`decode_backend`).
+
+    Returns:
+        ``[Bt, Hq, D]`` in q's dtype. The gate scores all ``n`` blocks (masked to the candidates)
+        so shapes depend on the capacity only: a CUDA-graph capturable step.
+    """
+    if q.dim() != 3 or k.dim() != 4 or sums.dim() != 4 or sums.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"q must be [Bt, Hq, D], k [Bt, Hkv, capacity, D] and sums [Bt, Hkv, n, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(sums.shape)}"
+        )
+    t = t.to(torch.int64)
+    sel = decode_select(q[:, :, None], sums, t[:, None], block, topk, sums.shape[2])
+    if decode_backend(backend, q) == "triton":
+        from moba_dist.kernels.triton_decode import decode_attend_triton
+
+        return decode_attend_triton(q, k, v, sel[:, 0], starts, t, block, scale, sums.shape[2])
+    return decode_attend(q[:, :, None], k, v, sel, t[:, None], starts, block, scale)[:, 0]
 
 
 def block_sums(
@@ -194,11 +284,13 @@ def _attend_rows(q, k, v, sel, t, starts, union, block: int, scale: float) -> to
     hkv, kv_len = k.shape[1], k.shape[2]
     g, acc = hq // hkv, gate_dtype(q.dtype)
     pos = union[..., None] * block + torch.arange(block, device=q.device)  # [Bt, Hkv, U, B]
-    row = torch.arange(bt * hkv, device=q.device).view(bt, hkv) * kv_len + starts[:, None]
-    # -1 padding (and its negative positions) reads some clamped row; the mask drops it.
-    idx = (row[..., None, None] + pos).clamp(0, bt * hkv * kv_len - 1).flatten(2)
-    keys = k.reshape(-1, d)[idx].to(acc)  # [Bt, Hkv, U*B, D]
-    vals = v.reshape(-1, d)[idx].to(acc)
+    # -1 padding (and its negative positions) reads some clamped slot; the mask drops it.
+    slots = (starts[:, None, None, None] + pos).clamp(0, kv_len - 1).flatten(2)
+    bi = torch.arange(bt, device=q.device)[:, None, None]
+    hi = torch.arange(hkv, device=q.device)[None, :, None]
+    # Indexing, not reshape: a strided cache view is read in place, never copied whole.
+    keys = k[bi, hi, slots].to(acc)  # [Bt, Hkv, U*B, D]
+    vals = v[bi, hi, slots].to(acc)
     # Query rows r = (head in group, query) of each KV head.
     sel_r = sel.view(bt, nq, hkv, g, -1).permute(0, 2, 3, 1, 4).reshape(bt, hkv, g * nq, -1)
     chosen = (sel_r[..., None] == union[:, :, None, None, :]).any(-2) & (union >= 0)[:, :, None]
