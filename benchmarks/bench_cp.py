@@ -1,15 +1,15 @@
 """Context-parallel MoBA on NCCL: correctness, then timings of selective / allgather / auto MoBA
 against dense causal context parallelism (all-gather K/V + PyTorch's FA2), slowest rank reported.
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 benchmarks/bench_cp.py --cases weak-64k,1m
+    NCCL_NVLS_ENABLE=0 PYTHONPATH=. torchrun --nproc-per-node 8 benchmarks/bench_cp.py --cases 1m
 
 Overhead of the CP runtime (issue 14), one process, the exchange path running with nothing to
 send: the local op against ``MoBAContextParallel`` (context built outside, ``selective``), fwd+bwd
 median ms, ratio, and host synchronizations per call counted with
 ``torch.cuda.set_sync_debug_mode`` for both:
 
-    python benchmarks/bench_cp.py --overhead --out benchmarks/results/cp_overhead
-    python benchmarks/bench_cp.py --overhead --tiny --device cpu --out /tmp/ovh   # smoke run
+    PYTHONPATH=. python benchmarks/bench_cp.py --overhead --out benchmarks/results/cp_overhead
+    PYTHONPATH=. python benchmarks/bench_cp.py --overhead --tiny --device cpu --out /tmp/ovh
 
 Correctness (small sizes): every rank compares its shard of out/dq/dk/dv (bf16) with the
 single-GPU op on the gathered input; the error must stay within 2x that of the bf16 reference
@@ -30,6 +30,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
+from benchmarks.moba_bench.common import count_syncs
 from moba_dist import MoBAContextParallel, moba_attn_varlen
 from moba_dist.kernels.flash import flash_varlen_bwd, flash_varlen_fwd
 from moba_dist.parallel import CPContext, local_positions, shard
@@ -230,24 +231,6 @@ OVERHEAD_CASES = {
 TINY_CASES = {"tiny-gqa-k3": (256, 4, 2, 32, 3)}
 
 
-def count_syncs(fn) -> int | None:
-    """Host synchronizations of one ``fn()`` (CUDA sync-debug warnings); None on CPU."""
-    if not torch.cuda.is_available():
-        fn()
-        return None
-    import warnings
-
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def wall_ms(fn, reps: int) -> float:
     """Median ms of ``fn``: CUDA events on GPU, perf_counter on CPU."""
     if torch.cuda.is_available():
@@ -285,7 +268,7 @@ def overhead_case(name, shape, device, dtype, backend, reps) -> dict:
            "topk": topk, "backend": backend, "device": str(device)}  # fmt: skip
     row["local_ms"], row["cp_ms"] = wall_ms(local, reps), wall_ms(cp, reps)
     row["ratio"] = row["cp_ms"] / row["local_ms"]
-    row["local_syncs"], row["cp_syncs"] = count_syncs(local), count_syncs(cp)
+    row["local_syncs"], row["cp_syncs"] = count_syncs(local, device), count_syncs(cp, device)
     row["strategy"] = mod.last_stats["strategy"]
     row["bytes_received"] = mod.last_stats["bytes_received"]
     return row

@@ -262,7 +262,7 @@ def index_rank(geom: Geometry) -> np.ndarray:
 
 def rank_keys(geom: Geometry, topk: int) -> dict[str, np.ndarray]:
     """Per-rank work, ``[P]`` float64 each: ``moba`` keys attended summed over local queries
-    (moba_semantics.md density formula), ``own`` the own-block causal part of it, ``dense``
+    (docs/semantics.md density formula), ``own`` the own-block causal part of it, ``dense``
     the causal keys of full attention, ``gate`` the candidate blocks scored."""
     blk, rank, s, e = geom.pieces.T
     bs = geom.block_start[blk]

@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import warnings
 from pathlib import Path
 
 import torch
 
+from benchmarks.moba_bench.common import sync_sites
 from moba_dist import moba_attn_varlen
 
 GIB = 1 << 30
@@ -59,19 +59,6 @@ def _op(leaves, cu, lens, block, topk, backend="triton", **kw):
     )
 
 
-def _count_syncs(fn) -> list[str]:
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-
-
 def sync_case(name: str) -> dict:
     lens, hq, hkv, d, block, topk = SYNC_CASES[name]
     lens = lens or _docs(1 << 17, 64, seed=1)
@@ -80,8 +67,8 @@ def sync_case(name: str) -> dict:
     for x in leaves:
         x.grad = None
     box = {}
-    fwd = _count_syncs(lambda: box.setdefault("out", _op(leaves, cu, lens, block, topk)))
-    bwd = _count_syncs(lambda: box["out"].backward(do))
+    fwd = sync_sites(lambda: box.setdefault("out", _op(leaves, cu, lens, block, topk)))
+    bwd = sync_sites(lambda: box["out"].backward(do))
     row = dict(case=name, tokens=sum(lens), seqs=len(lens), hq=hq, hkv=hkv, d=d, block=block,
                topk=topk, fwd_syncs=len(fwd), bwd_syncs=len(bwd), fwd_sites=fwd,
                bwd_sites=bwd)  # fmt: skip

@@ -35,7 +35,7 @@ import cp_model as cm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("selective", "allgather", "dense-ring")
-AUTO_ALLGATHER_FRACTION = 0.5  # moba_dist.parallel.exchange: auto all-gathers above this union
+AUTO_ALLGATHER_FRACTION = 0.5  # moba_dist.parallel.plan: auto all-gathers above this union
 # Links of an 8-GPU HGX/DGX node (H100 and H200 share NVLink 4 and 400G NICs): NVLink 4 is
 # 450 GB/s per direction per GPU, NCCL all-to-all reaches ~80% -> 360; one 400 Gb/s
 # ConnectX-7 per GPU is 50 GB/s per direction, ~80% -> 40. Kernel throughputs (useful TFLOP/s,

@@ -1,4 +1,4 @@
-"""Independent oracle: MoBA written straight from moba_semantics.md with loops and a dense mask.
+"""Independent oracle: MoBA written straight from docs/semantics.md with loops and a dense mask.
 
 Shares no code with moba_dist. Float64 throughout; differentiable in q, k, v (the mask is built
 without gradient). Slow on purpose: only for the small shapes of the tests.

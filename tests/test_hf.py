@@ -1,6 +1,6 @@
 """Hugging Face transformers integration: a tiny random Llama (no downloads) with MoBA attention.
 
-Reference: an independent MoBA attention written here from moba_semantics.md (block means, dense
+Reference: an independent MoBA attention written here from docs/semantics.md (block means, dense
 scores, rank-based top-k with ties to the lower block, dense masked softmax), registered with
 transformers under its own name, so the same weights run both. Everything is float64, so the
 only differences are summation orders (~1e-13); `ATOL` leaves a wide margin above that while

@@ -39,6 +39,7 @@ __all__ = [
     "moba_flops",
     "peak_gib",
     "rel_err",
+    "sync_sites",
 ]
 
 FWD_BWD_FACTOR = 3.5
@@ -110,12 +111,10 @@ def peak_gib(fn: Callable[[], object], device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def count_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Device-to-host synchronizations of one call of ``fn`` (None off CUDA): the warnings
-    ``set_sync_debug_mode("warn")`` raises, one per synchronizing operation."""
-    if device.type != "cuda":
-        return None
-    _sync(device)
+def sync_sites(fn: Callable[[], object]) -> list[str]:
+    """``file:line`` of every device-to-host synchronization one call of ``fn`` makes (CUDA):
+    the warnings ``set_sync_debug_mode("warn")`` raises, one per synchronizing operation."""
+    torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -123,8 +122,17 @@ def count_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    _sync(device)
-    return sum("synchroniz" in str(w.message) for w in seen)
+    torch.cuda.synchronize()
+    hits = [w for w in seen if "synchroniz" in str(w.message)]
+    return [f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in hits]
+
+
+def count_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Device-to-host synchronizations of one call of ``fn`` (None off CUDA, after running it)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    return len(sync_sites(fn))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

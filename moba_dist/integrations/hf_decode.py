@@ -6,7 +6,7 @@ or a chunk of new tokens appended to a cache). Pure PyTorch, any device, no tran
 Layout follows transformers: ``q [Bt, Hq, nq, D]``, ``k, v [Bt, Hkv, L, D]`` (the whole cache, the
 new tokens last). Row b's real tokens are the cache slots ``[starts[b], L)`` (left padding before
 them); its in-sequence position p lives in slot ``starts[b] + p``, so its blocks start at its own
-first real token, exactly as in ``shared/docs/moba_semantics.md``. The new queries are the last
+first real token, exactly as in ``docs/semantics.md``. The new queries are the last
 ``nq`` slots of every row.
 
 Each query t attends to its own block (positions ``block_start..t``) plus the top-(K-1) complete

@@ -17,7 +17,7 @@ __all__ = ["call_stats", "moba_density"]
 
 
 def moba_density(blocks: BlockLayout, cu_seqlens: torch.Tensor, topk: int) -> float:
-    """Useful keys over dense causal keys for the whole packed batch (moba_semantics.md);
+    """Useful keys over dense causal keys for the whole packed batch (docs/semantics.md);
     empty sequences count for nothing."""
     sizes = (blocks.block_starts[1:] - blocks.block_starts[:-1]).double()
     index_in_seq = torch.arange(blocks.num_blocks, device=sizes.device) - blocks.block_seq_first
