@@ -25,15 +25,16 @@ import datetime
 import itertools
 import json
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.moba_bench.common import count_syncs
+from benchmarks.moba_bench.common import count_syncs, median_ms
 from moba_dist import MoBAContextParallel, moba_attn_varlen
 from moba_dist.kernels.flash import flash_varlen_bwd, flash_varlen_fwd
 from moba_dist.parallel import CPContext, local_positions, shard
+
+CUDA = torch.device("cuda")
 
 # name: (tokens per GPU or global with "global", block, topk); Hq=32, Hkv=8, D=128 throughout.
 CASES = {
@@ -112,20 +113,6 @@ def contiguous_runs(pos: torch.Tensor) -> list[tuple[int, int]]:
     return list(itertools.pairwise([0, *breaks, pos.numel()]))
 
 
-def time_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
 def slowest(x: float) -> float:
     t = torch.tensor([x], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -197,8 +184,8 @@ def time_strategy(strategy, q, k, v, dout, cu, pos, block, topk, layout, reps):
             return mod(*leaves, cu)
 
     torch.cuda.reset_peak_memory_stats()
-    f_ms = slowest(time_ms(fwd, reps))
-    fb_ms = slowest(time_ms(lambda: fwd().backward(dout), reps))
+    f_ms = slowest(median_ms(fwd, reps, CUDA, warmup=2))
+    fb_ms = slowest(median_ms(lambda: fwd().backward(dout), reps, CUDA, warmup=2))
     peak = slowest(torch.cuda.max_memory_allocated() / 2**30)
     return f_ms, fb_ms, peak, (mod.last_stats if mod is not None else {})
 
@@ -231,21 +218,6 @@ OVERHEAD_CASES = {
 TINY_CASES = {"tiny-gqa-k3": (256, 4, 2, 32, 3)}
 
 
-def wall_ms(fn, reps: int) -> float:
-    """Median ms of ``fn``: CUDA events on GPU, perf_counter on CPU."""
-    if torch.cuda.is_available():
-        return time_ms(fn, reps)
-    import time
-
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def overhead_case(name, shape, device, dtype, backend, reps) -> dict:
     tokens, hq, hkv, block, topk = shape
     d = 16 if tokens <= 4096 else D
@@ -266,7 +238,8 @@ def overhead_case(name, shape, device, dtype, backend, reps) -> dict:
 
     row = {"case": name, "T": tokens, "Hq": hq, "Hkv": hkv, "D": d, "block": block,
            "topk": topk, "backend": backend, "device": str(device)}  # fmt: skip
-    row["local_ms"], row["cp_ms"] = wall_ms(local, reps), wall_ms(cp, reps)
+    row["local_ms"] = median_ms(local, reps, device, warmup=2)
+    row["cp_ms"] = median_ms(cp, reps, device, warmup=2)
     row["ratio"] = row["cp_ms"] / row["local_ms"]
     row["local_syncs"], row["cp_syncs"] = count_syncs(local, device), count_syncs(cp, device)
     row["strategy"] = mod.last_stats["strategy"]

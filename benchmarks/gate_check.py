@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.moba_bench.common import median_ms
 from moba_dist import moba_attn_varlen
 from moba_dist.kernels import triton_gate
 from moba_dist.kernels.blocks import BlockLayout, segment_sums
@@ -53,18 +54,8 @@ NEAR_TIE = 1e-6
 SAMPLE_TOKENS = 2048
 
 
-def cuda_ms(fn, reps: int) -> float:
-    """Median GPU time of ``fn`` in ms (CUDA events), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+# Median GPU ms of fn over reps calls (CUDA events), after one warm-up call.
+cuda_ms = partial(median_ms, device=torch.device("cuda"))
 
 
 def make(lens, hq, hkv, d, dtype, seed=0):

@@ -20,6 +20,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, folder: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _bars(ax, names: list[str], series: dict[str, list], width: float = 0.8) -> None:
     n = max(len(series), 1)
     for i, (label, vals) in enumerate(series.items()):
@@ -86,10 +93,7 @@ def _op_plots(plt, rows: list[dict], folder: Path) -> list[str]:
     for a in ax:
         a.set_xlabel("case (heads, tokens, block, topk: see table.md)")
         a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "op.png", dpi=110)
-    plt.close(fig)
-    return ["op.png"]
+    return [_save(plt, fig, folder, "op.png")]
 
 
 def _layer_plot(plt, rows: list[dict], folder: Path) -> list[str]:
@@ -119,10 +123,7 @@ def _layer_plot(plt, rows: list[dict], folder: Path) -> list[str]:
         title="One transformer layer step: MoBA vs dense attention",
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "layer.png", dpi=110)
-    plt.close(fig)
-    return ["layer.png"]
+    return [_save(plt, fig, folder, "layer.png")]
 
 
 def _decode_plot(plt, rows: list[dict], folder: Path) -> list[str]:
@@ -148,10 +149,7 @@ def _decode_plot(plt, rows: list[dict], folder: Path) -> list[str]:
         title="One decode step: MoBA sparse vs dense SDPA (32/8 heads, D 128)",
     )
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "decode.png", dpi=110)
-    plt.close(fig)
-    return ["decode.png"]
+    return [_save(plt, fig, folder, "decode.png")]
 
 
 def plot_all(rows: list[dict], folder: Path) -> list[str]:

@@ -1,13 +1,7 @@
 """Single-device MoBA kernels on packed ``[T, H, D]`` tensors. Never imports torch.distributed."""
 
 from moba_dist.kernels.blocks import BlockLayout
-from moba_dist.kernels.dispatch import (
-    resolve_backend,
-    routed_backward,
-    routed_bwd,
-    routed_forward,
-    routed_fwd,
-)
+from moba_dist.kernels.dispatch import resolve_backend, routed_backward, routed_forward
 from moba_dist.kernels.gate import block_centroids, select_blocks
 from moba_dist.kernels.plan_types import BwdConfig, FwdConfig, RoutedKeys, RoutedProblem, TileConfig
 
@@ -21,8 +15,6 @@ __all__ = [
     "block_centroids",
     "resolve_backend",
     "routed_backward",
-    "routed_bwd",
     "routed_forward",
-    "routed_fwd",
     "select_blocks",
 ]

@@ -21,7 +21,6 @@ from moba_dist.kernels.plan_types import (
     DEFAULT_FWD,
     BwdConfig,
     FwdConfig,
-    RoutedKeys,
     RoutedProblem,
 )
 from moba_dist.kernels.reference import reference_routed_bwd, reference_routed_fwd
@@ -31,9 +30,7 @@ __all__ = [
     "backend_unavailable_reason",
     "resolve_backend",
     "routed_backward",
-    "routed_bwd",
     "routed_forward",
-    "routed_fwd",
     "triton_installed",
 ]
 
@@ -140,15 +137,3 @@ def routed_backward(
         )
     grads = reference_routed_bwd(dout, q, k, v, out, lse, prob, dlse)
     return grads if grad_dtype is None else tuple(g.to(grad_dtype) for g in grads)
-
-
-def routed_fwd(backend, q, k, v, q_pos, keys: RoutedKeys, sel, softmax_scale):
-    """Positional form of :func:`routed_forward`, kept for ``parallel/cp.py``'s call sites."""
-    return routed_forward(backend, q, k, v, RoutedProblem(q_pos, keys, sel, softmax_scale))
-
-
-def routed_bwd(backend, dout, q, k, v, out, lse, q_pos, keys: RoutedKeys, sel, softmax_scale,
-               grad_dtype=None):  # fmt: skip
-    """Positional form of :func:`routed_backward`, kept for ``parallel/cp.py``'s call sites."""
-    prob = RoutedProblem(q_pos, keys, sel, softmax_scale)
-    return routed_backward(backend, dout, q, k, v, out, lse, prob, grad_dtype)

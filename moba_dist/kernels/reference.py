@@ -21,8 +21,7 @@ import torch
 
 from moba_dist.kernels.plan_types import RoutedKeys, RoutedProblem
 
-# RoutedKeys is re-exported: the CP planner imports it from here.
-__all__ = ["RoutedKeys", "group_selections", "reference_routed_bwd", "reference_routed_fwd"]
+__all__ = ["group_selections", "reference_routed_bwd", "reference_routed_fwd"]
 
 
 @dataclass(frozen=True)

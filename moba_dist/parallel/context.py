@@ -15,7 +15,7 @@ import torch
 
 from moba_dist.config import check_positive_int
 from moba_dist.kernels.blocks import BlockLayout
-from moba_dist.kernels.reference import RoutedKeys
+from moba_dist.kernels.plan_types import RoutedKeys
 from moba_dist.parallel import comm
 from moba_dist.parallel.handshake import CONTEXT_FIELDS, agree_or_raise, cu_hash
 from moba_dist.parallel.layouts import LAYOUTS, check_layout

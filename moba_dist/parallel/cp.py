@@ -16,7 +16,8 @@ from torch import nn
 
 from moba_dist.checks import check_attention_inputs
 from moba_dist.config import MoBAConfig
-from moba_dist.kernels.dispatch import resolve_backend, routed_bwd, routed_fwd
+from moba_dist.kernels.dispatch import resolve_backend, routed_backward, routed_forward
+from moba_dist.kernels.plan_types import RoutedProblem
 from moba_dist.parallel import comm
 from moba_dist.parallel.context import CPContext
 from moba_dist.parallel.exchange import return_grads, start_fetch
@@ -48,16 +49,17 @@ class MoBACPFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: CPPlan, scale: float, backend: str, keep: bool):
         q_pos = plan.own.positions
         fetch = start_fetch(plan, k, v)
-        o1, l1 = routed_fwd(backend, q, k, v, q_pos, plan.local_keys, plan.sel, scale)
+        o1, l1 = routed_forward(
+            backend, q, k, v, RoutedProblem(q_pos, plan.local_keys, plan.sel, scale)
+        )
         fetched = fetch()
         if fetched.keys.k_pos.numel() == 0:
             # Nothing fetched (a host-known count, no sync): the local part is the result; the
             # exchange itself still ran, on every rank.
             out, lse = o1, l1
         else:
-            o2, l2 = routed_fwd(
-                backend, q, fetched.k, fetched.v, q_pos, fetched.keys, plan.sel, scale
-            )
+            prob = RoutedProblem(q_pos, fetched.keys, plan.sel, scale)
+            o2, l2 = routed_forward(backend, q, fetched.k, fetched.v, prob)
             out, lse = merge_lse(o1, l1, o2, l2)
         saved = (fetched.k, fetched.v) if keep else ()
         ctx.save_for_backward(q, k, v, out, lse, *saved)
@@ -72,9 +74,9 @@ class MoBACPFunction(torch.autograd.Function):
         plan, scale, backend = ctx.plan, ctx.scale, ctx.backend
         dout = dout.contiguous()
         fetch = None if ctx.keep else start_fetch(plan, k, v)
-        dq, dk, dv = routed_bwd(
-            backend, dout, q, k, v, out, lse, plan.own.positions, plan.local_keys, plan.sel, scale
-        )
+        q_pos = plan.own.positions
+        local = RoutedProblem(q_pos, plan.local_keys, plan.sel, scale)
+        dq, dk, dv = routed_backward(backend, dout, q, k, v, out, lse, local)
         if fetch is not None:
             fetched = fetch()
             fk, fv, fkeys = fetched.k, fetched.v, fetched.keys
@@ -83,9 +85,8 @@ class MoBACPFunction(torch.autograd.Function):
         if fkeys.k_pos.numel() == 0:
             dq2, dk_f, dv_f = 0, fk.to(dk.dtype), fv.to(dk.dtype)
         else:
-            dq2, dk_f, dv_f = routed_bwd(
-                backend, dout, q, fk, fv, out, lse, plan.own.positions, fkeys, plan.sel, scale
-            )
+            prob = RoutedProblem(q_pos, fkeys, plan.sel, scale)
+            dq2, dk_f, dv_f = routed_backward(backend, dout, q, fk, fv, out, lse, prob)
         return_grads(plan, dk_f.to(dk.dtype), dv_f.to(dk.dtype), dk, dv)
         dq = dq + dq2
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

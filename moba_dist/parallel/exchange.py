@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moba_dist.kernels.reference import RoutedKeys
+from moba_dist.kernels.plan_types import RoutedKeys
 from moba_dist.parallel import comm
 from moba_dist.parallel.plan import CPPlan
 from moba_dist.parallel.requests import keys_from_positions

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from moba_dist.kernels.blocks import BlockLayout, segment_sums
 from moba_dist.kernels.gate import select_blocks
-from moba_dist.kernels.reference import RoutedKeys
+from moba_dist.kernels.plan_types import RoutedKeys
 from moba_dist.parallel import comm
 from moba_dist.parallel.layouts import local_positions
 from moba_dist.parallel.requests import (

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moba_dist.kernels.blocks import BlockLayout
-from moba_dist.kernels.reference import RoutedKeys
+from moba_dist.kernels.plan_types import RoutedKeys
 from moba_dist.parallel import comm
 from moba_dist.parallel.layouts import _segment_positions
 
