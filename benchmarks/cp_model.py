@@ -11,7 +11,9 @@ that group g of rank r selects j as a past block, the rows rank r receives are
     rows_r = sum_g sum_j  u[g,r,j] * (len_j - held[r,j]) + (1 - u[g,r,j]) * pre[r,j]
 
 and ``union_fraction_r = rows_r / ((T - T_local) * Hkv)``. ``u`` in {0, 1} (read from a real
-routing) makes this the exact count; a routing model makes it an expectation.
+routing) makes this the exact count; a routing model makes it an expectation. Bytes, times and
+memory of every strategy follow from these rows in the library's cost model
+(``moba_dist.parallel.cost_model``, the one source of truth that ``project_cp.py`` uses).
 
 Routing model. Query (t, h) in block c picks ``k_c = min(K - 1, #candidates_c)`` of its
 candidates (the strictly-past blocks of its sequence) with inclusion probabilities proportional
@@ -170,20 +172,6 @@ def rows_matrix(geom: Geometry, u: np.ndarray) -> np.ndarray:
     not_full = (1.0 - u).sum(0)  # [P, N] heads that fetch only the prefix
     np.add.at(full, (req, own), not_full[req, blk] * rows)
     return full
-
-
-def strategy_bytes(rows: np.ndarray, tokens: int, hkv: int, d: int, elem: int) -> dict:
-    """Bytes per rank ``[P]`` (``fwd_recv``, ``fwd_sent``, ``bwd_recv``, ``bwd_sent``) of the
-    ``selective`` and ``allgather`` strategies as ``last_stats`` counts them, from the selective
-    rows ``[P, P]``: K and V rows of D elements; backward = re-fetch + dK/dV in float32
-    (float64 stays float64). A ring over full KV moves what allgather moves."""
-    row, grad = 2 * d * elem, 2 * d * max(4, elem)
-    recv, sent = rows.sum(1), rows.sum(0)
-    full = np.full(rows.shape[0], (rows.shape[0] - 1) * (tokens // rows.shape[0]) * hkv * 1.0)
-    sel = dict(fwd_recv=recv * row, fwd_sent=sent * row, bwd_recv=recv * row + sent * grad,
-               bwd_sent=sent * row + recv * grad)  # fmt: skip
-    gather = {k: full * (row if k.startswith("fwd") else row + grad) for k in sel}
-    return {"selective": sel, "allgather": gather}
 
 
 def exact_union(sel: np.ndarray, geom: Geometry, hkv: int) -> np.ndarray:

@@ -1,13 +1,17 @@
 """MoBA decode step vs dense SDPA decode on one GPU, as the KV cache grows (issue 19).
 
+    PYTHONPATH=. python -m benchmarks.moba_bench decode       # the tool's cases, via bench_rows
     PYTHONPATH=. python benchmarks/decode_bench.py --out benchmarks/results/nvidia-h200/decode
 
-Three measurements per cache length L (one new token per row, batch 1, bf16, random data):
+:func:`bench_rows` is the benchmark tool's decode hook (its rows: see its docstring). Run as a
+script, three measurements per cache length L (one new token per row, batch 1, bf16, random
+data):
 
-- ``attn``: the attention part of one decode step of one layer: MoBA (gate over the block sums +
-  the Triton kernel reading the selected blocks in place + combine) against
+- ``attn``: the attention part of one decode step of one layer: MoBA (Triton gate over the block
+  sums, attention reading the selected blocks in place, merge: three launches) against
   ``F.scaled_dot_product_attention`` over the whole cache (GQA native), each captured in a CUDA
-  graph and timed by replay with CUDA events; ``kernel`` is the Triton attention alone.
+  graph and timed by replay with CUDA events; ``kernel`` is the attention and merge alone,
+  ``gate`` the gate alone.
 - ``floor``: bytes a MoBA step must read (the selected blocks' K and V, each KV head's union of
   its query heads' choices counted once, the own block up to the query, plus the block sums
   scored by the gate) over the device-to-device copy bandwidth measured here.
@@ -26,13 +30,20 @@ import json
 import math
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moba_dist.integrations.hf_decode import decode_select, moba_decode_step
-from moba_dist.kernels.triton_decode import decode_attend_triton
+from moba_dist.kernels.triton_decode import DecodeConfig, decode_attend_triton, decode_gate_triton
+
+__all__ = ["bench_rows", "main"]
+
+# The tool's dense baselines (benchmarks/moba_bench/dense.py names them), each alone.
+_DENSE = {"dense-cudnn": SDPBackend.CUDNN_ATTENTION, "dense-fa2": SDPBackend.FLASH_ATTENTION}
 
 SHAPES = {
     # name: (layers, hidden, q heads, kv heads, head dim, mlp width)
@@ -99,6 +110,116 @@ def floor_bytes(sel: torch.Tensor, hkv: int, t: int, block: int, d: int, n_block
     return keys * d * 2 * 2 + hkv * min(own, n_blocks) * d * 4
 
 
+def _dense_graph_ms(name: str, q, k, v) -> tuple[float, str]:
+    """Fastest CUDA-graph replay (ms) of dense SDPA decode restricted to backend ``name``, over
+    two layouts: GQA native (``enable_gqa``) and the G query heads of a KV head as G queries of
+    that head (no repeat, no mask: every cached key is in the past)."""
+    hkv, g, d = k.shape[1], q.shape[1] // k.shape[1], q.shape[-1]
+    layouts = {
+        "gqa": lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True),
+        "grouped": lambda: F.scaled_dot_product_attention(q.view(1, hkv, g, d), k, v),
+    }
+    best, errors = None, []
+    for layout, fn in layouts.items():
+        try:
+            with sdpa_kernel([_DENSE[name]]):
+                ms = graph_time_us(fn) / 1e3
+        except RuntimeError as e:  # this backend does not take this layout
+            errors.append(f"{layout}: {str(e)[:120]}")
+            continue
+        best = (ms, layout) if best is None or ms < best[0] else best
+    if best is None:
+        raise RuntimeError("; ".join(errors))
+    return best
+
+
+def bench_rows(case, reps: int, device: torch.device) -> list[dict]:
+    """Rows of one decode case of the benchmark tool (``benchmarks/moba_bench/decode.py`` calls
+    this hook): one query token at position L - 1 of a cache of ``L = case.tokens`` random
+    tokens, batch 1, bf16 on CUDA (float32 on CPU), the complete blocks' key sums given.
+
+    Backends (``step_ms`` each): ``moba-decode`` (:func:`moba_decode_step`: on CUDA the Triton
+    gate, attention and merge, timed as CUDA-graph replays, the way a compiled generation loop
+    runs it; the PyTorch twin on CPU), ``moba-decode-minimal`` (the tool's own PyTorch step,
+    eager) and the dense baselines (CUDA-graph replays, the faster of two layouts each). On CUDA
+    also ``moba-decode-eager`` (the same step launched from Python) and
+    ``moba-decode-alike-heads`` (the query heads of a group equal, so each KV head reads K blocks
+    instead of a union of up to G (K - 1) + 1). MoBA rows on CUDA carry ``gate_equals_twin``,
+    ``rel_err_vs_twin`` (relative Frobenius error against the PyTorch twin on the same inputs),
+    ``read_bytes`` (the bytes the step must read: each KV head's selected blocks, the own block
+    up to the query, the block sums) and ``read_TBps`` (those bytes over ``step_ms``).
+    """
+    from benchmarks.moba_bench.common import median_ms
+    from benchmarks.moba_bench.decode import moba_decode_step as minimal_step
+    from benchmarks.moba_bench.dense import dense_backends, sdpa_call
+
+    cuda = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(0)
+    length, block, topk, d = case.tokens, case.block, case.topk, case.d
+    shape = (1, case.hkv, length, d)
+    dt = torch.bfloat16 if cuda else torch.float32
+    k, v = (torch.randn(shape, device=device, dtype=dt, generator=gen) for _ in range(2))
+    q = torch.randn(1, case.hq, d, device=device, dtype=dt, generator=gen)
+    n = length // block
+    sums = k[:, :, : n * block].float().view(1, case.hkv, n, block, d).sum(3)
+    starts = torch.zeros(1, dtype=torch.int64, device=device)
+    t = torch.full((1,), length - 1, dtype=torch.int64, device=device)
+    scale = d**-0.5
+
+    def step(qq: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        return moba_decode_step(qq, k, v, sums, starts, t, block, topk, scale, backend)
+
+    def timed(fn) -> dict:
+        if cuda:
+            return {"step_ms": graph_time_us(fn, max(20, reps)) / 1e3, "timing": "cuda-graph"}
+        return {"step_ms": median_ms(fn, reps, device), "timing": "eager"}
+
+    cent = sums[0] / block
+    rows = [
+        dict(backend="moba-decode", **timed(lambda: step(q))),
+        dict(backend="moba-decode-minimal", timing="eager",
+             step_ms=median_ms(lambda: minimal_step(q[0], k[0], v[0], cent, block, topk), reps,
+                               device)),
+    ]  # fmt: skip
+    if cuda:
+        rows[0].update(_moba_checks(q, step, sums, t, block, topk, length))
+        alike = q.view(1, case.hkv, -1, d)[:, :, :1].expand(-1, -1, case.hq // case.hkv, -1)
+        alike = alike.reshape(q.shape)
+        rows.append(dict(backend="moba-decode-alike-heads", **timed(lambda: step(alike))))
+        rows[-1].update(_moba_checks(alike, step, sums, t, block, topk, length))
+        rows.append(dict(backend="moba-decode-eager", timing="eager",
+                         step_ms=median_ms(lambda: step(q), reps, device)))  # fmt: skip
+    for row in rows:
+        if "read_bytes" in row:
+            row["read_TBps"] = row["read_bytes"] / row["step_ms"] / 1e9
+    for name in dense_backends(device):
+        row = {"backend": name}
+        try:
+            if cuda:
+                row["step_ms"], row["layout"] = _dense_graph_ms(name, q, k, v)
+                row["timing"] = "cuda-graph"
+            else:
+                fn = lambda name=name: sdpa_call(name, q[:, :, None], k, v, causal=False)  # noqa: E731
+                row.update(timed(fn))
+        except Exception as e:  # keep the other backends' numbers
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+    return rows
+
+
+def _moba_checks(q, step, sums, t, block: int, topk: int, length: int) -> dict:
+    """The Triton step against its PyTorch twin on the same bf16 inputs, and its read bytes."""
+    sel = decode_gate_triton(q, sums, t, block, topk)
+    twin_sel = decode_select(q[:, :, None], sums, t[:, None], block, topk, sums.shape[2])[:, 0]
+    got, want = step(q).double(), step(q, "torch").double()
+    nbytes = floor_bytes(sel, sums.shape[1], length - 1, block, q.shape[-1], sums.shape[2])
+    return {
+        "gate_equals_twin": bool(torch.equal(sel.long(), twin_sel)),
+        "rel_err_vs_twin": ((got - want).norm() / want.norm()).item(),
+        "read_bytes": nbytes,
+    }
+
+
 def attn_case(hq, hkv, d, length, block, topk, bw, shared: bool = False) -> dict:
     """One layer's attention; ``shared``: the query heads of a group are equal, so they route
     alike and each KV head reads K blocks (random independent heads read a union of up to
@@ -115,6 +236,7 @@ def attn_case(hq, hkv, d, length, block, topk, bw, shared: bool = False) -> dict
     kern = graph_time_us(
         lambda: decode_attend_triton(q, k, v, sel, starts, t, block, scale, sums.shape[2])
     )
+    gate = graph_time_us(lambda: decode_gate_triton(q, sums, t, block, topk))
     kd, vd = k[:, :, :length], v[:, :, :length]
     # Dense decode two ways, the faster counted: GQA-native SDPA, and the G query heads of a KV
     # head as G queries (no mask needed: every cached key is in the past).
@@ -128,7 +250,7 @@ def attn_case(hq, hkv, d, length, block, topk, bw, shared: bool = False) -> dict
     twin = moba_decode_step(q, k, v, sums, starts, t, block, topk, scale, backend="torch").float()
     return {
         "L": length, "routing": "shared" if shared else "independent", "moba_attn_us": moba,
-        "kernel_us": kern, "dense_sdpa_us": dense,
+        "kernel_us": kern, "gate_us": gate, "dense_sdpa_us": dense,
         "floor_bytes": nbytes, "floor_us": nbytes / bw * 1e6, "kernel_over_floor": kern /
         (nbytes / bw * 1e6), "max_abs_diff_vs_torch_twin": (got - twin).abs().max().item(),
     }  # fmt: skip
@@ -231,13 +353,57 @@ def hf_smoke() -> dict:
     }  # fmt: skip
 
 
+def sweep(out: Path, lengths=(131072, 524288)) -> dict:
+    """Attention launch configs of the Llama-3-8B-shaped layer (32/8 heads, block 4096, topk 12)
+    timed as CUDA-graph replays, both routings, plus the launches and host syncs of one step."""
+    from benchmarks.moba_bench.common import sync_sites
+
+    configs = {f"min_chunk={c}": DecodeConfig(min_chunk=c) for c in (256, 512, 1024, 4096)}
+    configs["block_n=128,stages=2"] = DecodeConfig(block_n=128, num_stages=2)
+    res: dict = {
+        "device": torch.cuda.get_device_name(),
+        "default": repr(DecodeConfig()),
+        "rows": [],
+    }
+    for length in lengths:
+        k, v, sums = make_cache(8, length, 128, 4096)
+        q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
+        t = torch.tensor([length - 1], device="cuda")
+        starts = torch.zeros(1, dtype=torch.int64, device="cuda")
+        step = partial(moba_decode_step, k=k, v=v, sums=sums, starts=starts, t=t, block=4096,
+                       topk=12, scale=0.088)  # fmt: skip
+        for routing, qq in (("independent", q), ("alike", q[:, ::4].repeat_interleave(4, 1))):
+            for name, cfg in configs.items():
+                us = graph_time_us(partial(step, qq, config=cfg))
+                res["rows"].append({"L": length, "routing": routing, "config": name, "step_us": us})
+                print(res["rows"][-1], flush=True)
+        try:  # a profiler failure must not lose the timings
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step(q)
+                torch.cuda.synchronize()
+            res[f"launches_{length}"] = [
+                e.name for e in prof.events() if e.device_type.name == "CUDA"
+            ]
+            res[f"host_syncs_{length}"] = sync_sites(partial(step, q))
+        except Exception as exc:
+            res[f"profile_error_{length}"] = repr(exc)
+        torch.cuda.empty_cache()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/nvidia-h200/decode")
     p.add_argument("--lengths", default="32768,131072,262144,524288")
     p.add_argument("--block", type=int, default=4096)
     p.add_argument("--topk", type=int, default=12)
+    p.add_argument("--sweep", action="store_true", help="only time attention launch configs")
     args = p.parse_args()
+    if args.sweep:
+        sweep(Path(args.out))
+        return
     lengths = [int(x) for x in args.lengths.split(",")]
     torch.manual_seed(0)
     bws = copy_bandwidth()
@@ -262,13 +428,49 @@ def main() -> None:
             torch.cuda.empty_cache()
             shared = attn_case(hq, hkv, d, length, args.block, args.topk, bw, shared=True)
             row["shared_routing"] = {
-                x: shared[x] for x in ("moba_attn_us", "kernel_us", "floor_us", "kernel_over_floor")
+                x: shared[x]
+                for x in ("moba_attn_us", "gate_us", "kernel_us", "floor_us", "kernel_over_floor")
             }
             torch.cuda.empty_cache()
             print(name, json.dumps(row), flush=True)
             rows.append(row)
             res["shapes"][name] = rows
             write(res, Path(args.out))  # after every case: a cut-off run keeps what it measured
+
+
+def _table(rows: list[dict], alike: bool) -> list[str]:
+    """One markdown table of ``rows``: independent routing, or the heads of a group alike."""
+    lines = ["| cache | MoBA attn | gate | attn+merge kernels | floor | kernels/floor | dense "
+             "attn | attn speedup | MoBA step | dense step | step speedup |",
+             "|---" * 11 + "|"]  # fmt: skip
+    for r in rows:
+        x = r["shared_routing"] if alike else r
+        step = r["moba_shared_step_us"] if alike else r["moba_step_us"]
+        lines.append(
+            f"| {r['L'] // 1024}K | {x['moba_attn_us']:.1f} | {x['gate_us']:.1f} | "
+            f"{x['kernel_us']:.1f} | {x['floor_us']:.1f} | {x['kernel_over_floor']:.2f} | "
+            f"{r['dense_sdpa_us']:.1f} | {r['dense_sdpa_us'] / x['moba_attn_us']:.1f}x | "
+            f"{step:.1f} | {r['dense_step_us']:.1f} | {r['dense_step_us'] / step:.1f}x |"
+        )
+    return lines
+
+
+def _sweep_lines(out: Path) -> list[str]:
+    """The launch-config sweep (``--sweep``) of this folder, if one was run, as a table."""
+    if not (out / "sweep.json").exists():
+        return []
+    sw = json.loads((out / "sweep.json").read_text())
+    cols = sorted({(r["L"], r["routing"]) for r in sw["rows"]})
+    lines = ["", f"## Launch configs (--sweep; default {sw['default']})", "",
+             "Llama-3-8B-shaped layer, MoBA attention of one layer, us (CUDA-graph replay).", "",
+             "| config | " + " | ".join(f"{n // 1024}K {rt}" for n, rt in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]  # fmt: skip
+    for cfg in dict.fromkeys(r["config"] for r in sw["rows"]):
+        us = {(r["L"], r["routing"]): r["step_us"] for r in sw["rows"] if r["config"] == cfg}
+        lines.append(f"| {cfg} | " + " | ".join(f"{us[c]:.1f}" for c in cols) + " |")
+    for key in sorted(k for k in sw if k.startswith(("launches_", "host_syncs_"))):
+        lines.append(f"\n{key}: {sw[key]}")
+    return lines
 
 
 def write(res: dict, out: Path) -> None:
@@ -278,38 +480,19 @@ def write(res: dict, out: Path) -> None:
              f"torch {res['torch']}, bf16, batch 1, block {res['block']}, topk {res['topk']}, "
              f"bandwidth {res['copy_bandwidth_TBps']:.2f} TB/s (measured, the largest of "
              f"{ {x: round(y, 2) for x, y in res['bandwidths_TBps'].items()} }). Times are CUDA "
-             "graph replays (us). attn = one layer's attention; step = all layers of the model "
-             "body per token.", ""]  # fmt: skip
+             "graph replays (us). attn = one layer's attention (gate + attention and merge "
+             "kernels); step = all layers of the model body per token.", ""]  # fmt: skip
     for name, rows in res["shapes"].items():
-        lines += [f"## {name}", "", "| cache | MoBA attn | kernel | floor | kernel/floor | dense "
-                  "attn | attn speedup | MoBA step | dense step | step speedup |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in rows:
-            lines.append(
-                f"| {r['L'] // 1024}K | {r['moba_attn_us']:.1f} | {r['kernel_us']:.1f} | "
-                f"{r['floor_us']:.1f} | {r['kernel_over_floor']:.2f} | {r['dense_sdpa_us']:.1f} | "
-                f"{r['dense_sdpa_us'] / r['moba_attn_us']:.1f}x | {r['moba_step_us']:.1f} | "
-                f"{r['dense_step_us']:.1f} | {r['dense_step_us'] / r['moba_step_us']:.1f}x |"
-            )
-        lines += ["", "Heads of a group routing alike (equal queries; each KV head reads K "
-                  "blocks):", "", "| cache | MoBA attn | kernel | floor | kernel/floor | dense "
-                  "attn | attn speedup | MoBA step | step speedup |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in rows:
-            sh = r["shared_routing"]
-            lines.append(
-                f"| {r['L'] // 1024}K | {sh['moba_attn_us']:.1f} | {sh['kernel_us']:.1f} | "
-                f"{sh['floor_us']:.1f} | {sh['kernel_over_floor']:.2f} | "
-                f"{r['dense_sdpa_us']:.1f} | {r['dense_sdpa_us'] / sh['moba_attn_us']:.1f}x | "
-                f"{r['moba_shared_step_us']:.1f} | "
-                f"{r['dense_step_us'] / r['moba_shared_step_us']:.1f}x |"
-            )
         first, last = rows[0], rows[-1]
-        lines += ["", f"MoBA step at {last['L'] // 1024}K / at {first['L'] // 1024}K: "
+        lines += [f"## {name}", "", *_table(rows, alike=False), "",
+                  "Heads of a group routing alike (equal queries; each KV head reads K blocks):",
+                  "", *_table(rows, alike=True), "",
+                  f"MoBA step at {last['L'] // 1024}K / at {first['L'] // 1024}K: "
                   f"{last['moba_step_us'] / first['moba_step_us']:.2f}x independent routing, "
                   f"{last['moba_shared_step_us'] / first['moba_shared_step_us']:.2f}x heads "
                   "routing alike", ""]  # fmt: skip
     lines += [f"transformers generate smoke (tiny random float32 Llama): {res.get('hf_smoke')}"]
+    lines += _sweep_lines(out)
     (out / "decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,21 +1,16 @@
-"""Projected per-layer time and bytes per rank of context-parallel MoBA, 128K-10M tokens.
+"""Projected per-layer time, bytes per rank per link class and memory of context-parallel
+MoBA, 128K-10M tokens, for every strategy and the dense baselines.
 
-    python benchmarks/project_cp.py project --tokens 1048576 --world 64 --alpha 1
-    python benchmarks/project_cp.py sweep [--routing OUT/routing.pt]   # results/projection_sweep.*
+    python benchmarks/project_cp.py project --gpu h200 --tokens 1048576 --world 64 --alpha 1
+    python benchmarks/project_cp.py sweep --gpu h200      # results/projection_sweep.*
+    python benchmarks/project_cp.py sensitivity --gpu h200  # results/projection_sensitivity.md
 
-Bytes: ``cp_model.py`` (the library's accounting, expected over a Zipf routing model of
-concentration alpha). Time of one layer on rank r (then the slowest rank):
-
-    MoBA fwd = plan + gate + max(fetch, a_r * attn_f) + (1 - a_r) * attn_f
-    MoBA bwd = max(refetch, a_r * attn_b) + (1 - a_r) * attn_b + grad_return
-    ring fwd = c + (P-1) * max(hop_kv, c);  ring bwd = c_b + (P-1) * max(hop_kv + hop_dkv, c_b)
-               + hop_dkv  (dense CP: P steps of causal attention c, c_b against one rank's KV)
-
-a_r = locally held share of attended keys. Collective: max(intra / bw_nvlink, inter / bw_net)
-over each rank's bytes + latency. Kernels: useful FLOPs / throughput from the benchmark tool's
-``results/<gpu>/<date>/rows.json`` (``python -m benchmarks.moba_bench local``; older flat
-``results/<gpu>*.json`` tables as a fallback), else constants, labelled ASSUMED. Assumptions:
-docs/scale_model.md.
+Selective rows: ``cp_model.py`` (expected over a Zipf routing model of concentration alpha).
+Bytes, time and memory: ``moba_dist.parallel.cost_model`` (the library's accounting; the one
+source of truth), fed per-rank kernel times: useful FLOPs / throughput from the benchmark
+tool's ``results/<gpu>/<date>/rows.json`` (``python -m benchmarks.moba_bench local``; older flat
+``results/<gpu>*.json`` tables as a fallback), else constants, labelled ASSUMED. Model and
+assumptions: docs/scale_model.md.
 """
 
 from __future__ import annotations
@@ -29,13 +24,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cp_model as cm
+from project_report import STRATEGIES, plot_sweep, sweep_markdown
+
+from moba_dist.parallel import cost_model as cost
+
+__all__ = ["STRATEGIES", "Case", "Compute", "all_costs", "load_compute", "main", "project"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ("selective", "allgather", "dense-ring")
-AUTO_ALLGATHER_FRACTION = 0.5  # moba_dist.parallel.plan: auto all-gathers above this union
 # Links of an 8-GPU HGX/DGX node (H100 and H200 share NVLink 4 and 400G NICs): NVLink 4 is
 # 450 GB/s per direction per GPU, NCCL all-to-all reaches ~80% -> 360; one 400 Gb/s
 # ConnectX-7 per GPU is 50 GB/s per direction, ~80% -> 40. Kernel throughputs (useful TFLOP/s,
@@ -49,20 +48,6 @@ _H100, _H200 = ("nvidia-h100*/*/rows.json", "nvidia-h100*.json"), ("nvidia-h200*
 PRESETS = {"h100": dict(_HOPPER, tables=_H100), "h200": dict(_HOPPER, tables=_H200 + _H100)}
 KINDS = ("moba_fwd", "moba_fwdbwd", "dense_fwd", "dense_fwdbwd", "gate")
 MOBA_BACKENDS = ("triton", "triton-raw")  # table rows of the MoBA op with the torch gate
-
-
-@dataclass(frozen=True)
-class Links:
-    """Per-GPU GB/s (1e9 B/s, one direction), GPUs per node, us per collective or ring hop."""
-
-    nvlink: float
-    net: float
-    node: int
-    lat_us: float
-
-    def bw(self, world: int) -> float:
-        """Bottleneck of a ring over ``world`` ranks, bytes per ms."""
-        return (self.net if world > self.node else self.nvlink) * 1e6
 
 
 @dataclass
@@ -142,7 +127,13 @@ def load_compute(preset: dict, table, d: int, block: int, backends, over: dict) 
         p = sorted(set(pts.get(kind, [])))
         if p:
             curves[kind] = (np.log([a for a, _ in p]), np.log([b for _, b in p]))
-            labels[kind] = f"measured, {len(p)} points, {', '.join(Path(f).name for f in files)}"
+            names = ", ".join(
+                str(Path(f).resolve().relative_to(RESULTS.parent.parent))
+                if RESULTS in Path(f).resolve().parents
+                else f
+                for f in files
+            )
+            labels[kind] = f"measured, {len(p)} points, {names}"
         else:
             curves[kind] = (np.zeros(1), np.log([consts[kind]]))
             labels[kind] = f"ASSUMED {consts[kind]:g} TFLOP/s (not measured)"
@@ -151,7 +142,8 @@ def load_compute(preset: dict, table, d: int, block: int, backends, over: dict) 
 
 @dataclass(frozen=True)
 class Case:
-    """Model shape, tokens (one sequence), ranks, MoBA, routing alpha, payload bytes/element."""
+    """Model shape, tokens (one sequence), ranks, MoBA, routing alpha, payload bytes/element,
+    the streamed strategy's fetch budget and the memory ``auto`` may use (GiB per rank)."""
 
     tokens: int
     world: int
@@ -164,26 +156,25 @@ class Case:
     layout: str = "zigzag"
     alpha: float = 1.0
     elem: int = 2  # payload bytes per element (bf16)
+    max_fetch_gib: float = 4.0
+    memory_gib: float = 16.0
 
     def padded(self) -> Case:
         """Tokens rounded up to what the layout needs (as pad_for_cp would)."""
         m = 2 * self.world if self.layout == "zigzag" else self.world
         return replace(self, tokens=-(-self.tokens // m) * m)
 
-
-def collective_ms(mat: np.ndarray, links: Links) -> float:
-    """ms of an all-to-all of ``mat [P, P]`` bytes (r receives ``mat[r, o]`` from o)."""
-    node = np.arange(mat.shape[0]) // links.node
-    same, per = node[:, None] == node[None, :], []
-    for axis in (1, 0):  # received, sent
-        intra, inter = (np.where(m, mat, 0.0).sum(axis) for m in (same, ~same))
-        per.append(np.maximum(intra / (links.nvlink * 1e6), inter / (links.net * 1e6)))
-    return float(np.maximum(*per).max()) + links.lat_us / 1e3
+    def shape(self, world: int | None = None, hq: int | None = None, hkv: int | None = None):
+        """The cost model's :class:`~moba_dist.parallel.cost_model.Shape` (optionally of a
+        sub-level: fewer ranks or a head slice)."""
+        return cost.Shape(self.tokens, world or self.world, hq or self.hq, hkv or self.hkv,
+                          self.d, self.elem, self.block)  # fmt: skip
 
 
-def traffic(case: Case, cache: dict):
-    """Geometry, routing probabilities ``p [N, N]`` (cached by N, K, alpha), rows ``[P, P]``."""
-    geom = cm.build_geometry([case.tokens], case.block, case.world, case.layout)
+def traffic(case: Case, cache: dict, world: int | None = None):
+    """Geometry at ``world`` ranks (default the case's), routing probabilities ``p [N, N]``
+    (cached by N, K, alpha) and the selective rows ``[P, P]`` summed over KV heads."""
+    geom = cm.build_geometry([case.tokens], case.block, world or case.world, case.layout)
     key = (geom.num_blocks, case.topk, case.alpha)
     if key not in cache:
         cache[key] = cm.route_probs(cm.index_rank(geom), geom.seq_first, case.topk, case.alpha)
@@ -191,86 +182,134 @@ def traffic(case: Case, cache: dict):
     return geom, cache[key], cm.rows_matrix(geom, u[None]) * case.hkv
 
 
-def moba_ms(case, links, comp, keys, share, fetch, ret, n_coll) -> tuple:
-    """Forward and backward ms ``[P]`` of the CP op (one layer), and their parts."""
-    flops = 4.0 * case.d * case.hq * keys["moba"]
+def _t(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+
+def kernels(case: Case, comp: Compute, keys: dict, share, heads: float, repeat: int = 1):
+    """Per-rank kernel ms of the MoBA op for ``heads`` query heads over the keys ``keys[...]``
+    of each rank (``repeat``: ranks sharing one entry, the members of a hybrid sub-group)."""
+    flops = 4.0 * case.d * heads * keys["moba"]
     f = comp.ms("moba_fwd", flops)
     b = np.maximum(comp.ms("moba_fwdbwd", 3.5 * flops) - f, 0.0)
-    gate = comp.ms("gate", 2.0 * case.d * case.hq * keys["gate"])
-    cent = case.tokens / case.block * case.hkv * case.d * 4.0  # float32 centroid sums
-    plan = n_coll * links.lat_us / 1e3 + 2.0 * cent / links.bw(case.world)
-    fwd = plan + gate + np.maximum(fetch, share * f) + (1.0 - share) * f
-    bwd = np.maximum(fetch, share * b) + (1.0 - share) * b + ret
-    return fwd, bwd, dict(gate=gate, attention=f + b, exposed_comm=fwd + bwd - gate - f - b)
+    gate = comp.ms("gate", 2.0 * case.d * heads * keys["gate"])
+    per = [np.repeat(np.broadcast_to(x, keys["moba"].shape), repeat) for x in (f, b, gate, share)]
+    return cost.Kernels(*map(_t, per))
 
 
-def ring_ms(case: Case, links: Links, comp: Compute, keys) -> tuple:
-    """Ring attention (ring-flash-attn style; float32 dK/dV): fwd, bwd ms ``[P]`` and parts."""
-    world, tl = case.world, case.tokens // case.world
-    step = 4.0 * case.d * case.hq * keys["dense"] / world  # FLOPs per step
-    c = comp.ms("dense_fwd", step)
-    cb = np.maximum(comp.ms("dense_fwdbwd", 3.5 * step) - c, 0.0)
-    if world == 1:
-        return c, cb, dict(attention=c + cb, exposed_comm=0.0 * c)
-    lat = links.lat_us / 1e3
-    hop = tl * case.hkv * 2 * case.d * case.elem / links.bw(world) + lat
-    hop_g = tl * case.hkv * 2 * case.d * max(4, case.elem) / links.bw(world) + lat
-    fwd = c + (world - 1) * np.maximum(hop, c)
-    bwd = cb + (world - 1) * np.maximum(hop + hop_g, cb) + hop_g
-    return fwd, bwd, dict(attention=world * (c + cb), exposed_comm=fwd + bwd - world * (c + cb))
+def dense_steps(case: Case, comp: Compute, keys: dict, heads: float, steps: int, repeat: int):
+    """ms ``[P]`` of one ring step (fwd, bwd) of dense causal attention: ``1 / steps`` of a
+    rank's causal keys for ``heads`` query heads."""
+    flops = 4.0 * case.d * heads * keys["dense"] / steps
+    f = comp.ms("dense_fwd", flops)
+    b = np.maximum(comp.ms("dense_fwdbwd", 3.5 * flops) - f, 0.0)
+    return _t(np.repeat(f, repeat)), _t(np.repeat(b, repeat))
 
 
-def project(case: Case, links: Links, comp: Compute, cache: dict | None = None) -> dict:
-    """Per-layer projection of the three strategies for ``case`` (tokens padded as needed)."""
-    case = case.padded()
-    geom, p, rows = traffic(case, {} if cache is None else cache)
+def _hybrid(case: Case, links: cost.Links, comp: Compute, cache: dict) -> dict:
+    """``hybrid`` (heads in a node, the cheaper MoBA sequence strategy across nodes) and dense
+    ring attention under the same split; empty where the split does not apply."""
+    sub = links.gpus_per_node
+    if case.world <= sub or case.world % sub or case.hq % sub:
+        return {}
+    groups = case.world // sub
+    nkv = max(cost.head_spans(case.hq, case.hkv, sub)[1])
+    outer = case.shape(world=groups, hq=case.hq // sub, hkv=nkv)
+    inner_shape = cost.Shape(case.tokens // groups, sub, case.hq, case.hkv, case.d, case.elem,
+                             case.block)  # fmt: skip
+    geom, p, rows = traffic(case, cache, groups)
+    keys = cm.rank_keys(geom, case.topk)
+    kern = kernels(case, comp, keys, cm.local_key_share(geom, p, case.topk), case.hq / sub, sub)
+    inner = cost.heads_traffic(inner_shape)
+    out, fetch = {}, case.max_fetch_gib * 2**30
+    for name, tr, budget in (("selective", cost.selective_traffic(outer, _t(rows) / case.hkv * nkv),
+                              None), ("allgather", cost.allgather_traffic(outer), None),
+                             ("streamed", cost.selective_traffic(outer, _t(rows) / case.hkv * nkv),
+                              fetch)):  # fmt: skip
+        heads_p, outer_p = cost.hybrid_traffic(inner, tr, sub)
+        seq = cost.sequence_cost(name, outer, outer_p, kern, links, budget, stride=sub)
+        out[f"hybrid/{name}"] = cost.add_heads(seq, heads_p, links, "hybrid")
+    fits = {n: c for n, c in out.items() if c.memory_bytes <= case.memory_gib * 2**30} or out
+    best = min(fits, key=lambda n: fits[n].total_ms)
+    step_f, step_b = dense_steps(case, comp, keys, case.hq / sub, groups, sub)
+    ring = cost.ring_cost(outer, step_f, step_b, links, "dense-hybrid", stride=sub)
+    ring_p = cost.hybrid_traffic(inner, cost.allgather_traffic(outer), sub)[0]
+    outer_s = {n.split("/")[1]: case.layers * c.total_ms / 1e3 for n, c in out.items()}
+    return {"hybrid": out[best], "hybrid_outer": best.split("/")[1], "hybrid_outer_s": outer_s,
+            "dense-hybrid": cost.add_heads(ring, ring_p, links, "dense-hybrid")}  # fmt: skip
+
+
+def all_costs(case: Case, links: cost.Links, comp: Compute, cache: dict) -> tuple[dict, dict]:
+    """Every strategy's :class:`~moba_dist.parallel.cost_model.Cost` for ``case`` (padded),
+    plus the traffic facts: union fractions and the hybrid's outer strategy."""
+    geom, p, rows = traffic(case, cache)
     keys, share = cm.rank_keys(geom, case.topk), cm.local_key_share(geom, p, case.topk)
-    by = cm.strategy_bytes(rows, case.tokens, case.hkv, case.d, case.elem)
-    row, grow = 2 * case.d * case.elem, 2 * case.d * max(4, case.elem)
-    full = (1.0 - np.eye(case.world)) * (case.tokens // case.world) * case.hkv  # [P, P] rows
-    times = {
-        "selective": moba_ms(case, links, comp, keys, share, collective_ms(rows * row, links),
-                             collective_ms(rows.T * grow, links), 6),
-        "allgather": moba_ms(case, links, comp, keys, share, collective_ms(full * row, links),
-                             collective_ms(full * grow, links), 4),
-        "dense-ring": ring_ms(case, links, comp, keys),
+    shape, kern = case.shape(), kernels(case, comp, keys, share, case.hq)
+    sel = cost.selective_traffic(shape, _t(rows))
+    costs = {
+        "allgather": cost.sequence_cost("allgather", shape, cost.allgather_traffic(shape), kern,
+                                        links),
+        "selective": cost.sequence_cost("selective", shape, sel, kern, links),
+        "streamed": cost.sequence_cost("streamed", shape, sel, kern, links,
+                                       case.max_fetch_gib * 2**30),
     }  # fmt: skip
-    # Remote K/V rows held at once: a ring holds two chunks (the one in use, the one arriving).
-    kv = dict(selective=rows.sum(1).max(), allgather=full.sum(1).max())
-    kv["dense-ring"] = 2.0 * full[0, -1]
+    if case.hq % case.world == 0:  # the op on the whole sequence for Hq / P heads
+        whole = cm.rank_keys(cm.build_geometry([case.tokens], case.block, 1, "contiguous"),
+                             case.topk)  # fmt: skip
+        hk = kernels(case, comp, whole, np.ones(1), case.hq / case.world, case.world)
+        heads = cost.heads_traffic(shape)
+        costs["heads"] = cost.heads_cost(shape, heads, hk, links)
+        f, b = dense_steps(case, comp, whole, case.hq / case.world, 1, case.world)
+        dense = cost.Kernels(f, b, torch.zeros_like(f))  # dense attention under the same split
+        costs["dense-heads"] = cost.heads_cost(shape, heads, dense, links, "dense-heads")
+    hybrid = _hybrid(case, links, comp, cache)
+    costs |= {k: v for k, v in hybrid.items() if k in ("hybrid", "dense-hybrid")}
+    costs["dense-ring"] = cost.ring_cost(shape, *dense_steps(case, comp, keys, case.hq,
+                                                             case.world, 1), links)  # fmt: skip
     union = rows.sum(1) / max((case.tokens - case.tokens // case.world) * case.hkv, 1)
-    out = dict(case=asdict(case), union_fraction_max=float(union.max()),
-               union_fraction_mean=float(union.mean()), strategies={})  # fmt: skip
-    for name, (fwd, bwd, parts) in times.items():
-        s = dict(fwd_ms=float(fwd.max()), bwd_ms=float(bwd.max()),
-                 parts_ms={k: float(v.max()) for k, v in parts.items()},
-                 step_s=case.layers * float(fwd.max() + bwd.max()) / 1e3,
-                 remote_kv_gib=float(kv[name] * row / 2**30))  # fmt: skip
-        by_name = by.get(name, by["allgather"])  # a ring moves what the all-gather moves
-        out["strategies"][name] = s | {f"{k}_mib_max": v.max() / 2**20 for k, v in by_name.items()}
-    out["winner"] = min(STRATEGIES, key=lambda n: out["strategies"][n]["step_s"])
-    out["auto"] = "allgather" if union.max() > AUTO_ALLGATHER_FRACTION else "selective"
+    facts = dict(union_fraction_max=float(union.max()), union_fraction_mean=float(union.mean()),
+                 hybrid_outer=hybrid.get("hybrid_outer"),
+                 hybrid_outer_step_s=hybrid.get("hybrid_outer_s"))  # fmt: skip
+    return costs, facts
+
+
+def project(case: Case, links: cost.Links, comp: Compute, cache: dict | None = None) -> dict:
+    """Per-layer projection of every strategy for ``case`` (tokens padded as needed)."""
+    case = case.padded()
+    costs, facts = all_costs(case, links, comp, {} if cache is None else cache)
+    out = dict(case=asdict(case), **facts, strategies={})
+    for name, c in costs.items():
+        s = c.summary() | dict(step_s=case.layers * c.total_ms / 1e3,
+                               remote_kv_gib=c.remote_bytes / 2**30,
+                               memory_gib=c.memory_bytes / 2**30)  # fmt: skip
+        out["strategies"][name] = {k: v / 2**20 if k.endswith("_max") else v for k, v in s.items()}
+    moba = {n: c for n, c in costs.items() if n in cost.STRATEGIES}
+    out["auto"] = cost.choose(moba, case.memory_gib * 2**30)
+    out["winner"] = min(costs, key=lambda n: costs[n].total_ms)
     return out
 
 
-def format_projection(res: dict, links: Links, comp: Compute) -> str:
+def format_projection(res: dict, links: cost.Links, comp: Compute) -> str:
     """Human-readable table of one projection (times per layer, bytes max over ranks)."""
-    c, st, win = res["case"], res["strategies"], res["winner"]
-    vs = ", ".join(f"x{st[n]['step_s'] / st[win]['step_s']:.2f} vs {n}" for n in st if n != win)
+    c, st, auto = res["case"], res["strategies"], res["auto"]
+    vs = ", ".join(f"x{st[n]['step_s'] / st[auto]['step_s']:.2f} vs {n}" for n in st if n != auto)
     return "\n".join([
-        f"T={c['tokens']:,} on P={c['world']} GPUs ({links.node} per node), Hq={c['hq']} "
-        f"Hkv={c['hkv']} D={c['d']} x{c['layers']} layers, B={c['block']} K={c['topk']}, "
-        f"{c['layout']}, {c['elem']} B/elem, routing alpha={c['alpha']:g}",
-        f"links: NVLink {links.nvlink:g} GB/s, network {links.net:g} GB/s per GPU, "
-        f"{links.lat_us:g} us per collective",
+        f"T={c['tokens']:,} on P={c['world']} GPUs ({links.gpus_per_node} per node), "
+        f"Hq={c['hq']} Hkv={c['hkv']} D={c['d']} x{c['layers']} layers, B={c['block']} "
+        f"K={c['topk']}, {c['layout']}, {c['elem']} B/elem, routing alpha={c['alpha']:g}",
+        f"links: NVLink {links.nvlink_gbs:g} GB/s, network {links.net_gbs:g} GB/s per GPU, "
+        f"{links.latency_us:g} us per collective; streamed budget {c['max_fetch_gib']:g} GiB, "
+        f"auto memory limit {c['memory_gib']:g} GiB",
         *(f"compute {k}: {v}" for k, v in comp.labels.items()),
-        "strategy     fwd ms  bwd ms  step s(attn)  fwd recv MiB  bwd recv MiB  remote KV GiB",
-        *(f"{n:10s} {s['fwd_ms']:8.1f} {s['bwd_ms']:7.1f} {s['step_s']:13.2f} "
-          f"{s['fwd_recv_mib_max']:13.1f} {s['bwd_recv_mib_max']:13.1f} "
-          f"{s['remote_kv_gib']:14.2f}" for n, s in st.items()),
+        "strategy       fwd ms  bwd ms exposed ms  step s  intra MiB  inter MiB  remote GiB",
+        *(f"{n:12s} {s['fwd_ms']:8.1f} {s['bwd_ms']:7.1f} {s['exposed_ms']:10.1f} "
+          f"{s['step_s']:7.2f} {s['intra_recv_max']:10.1f} {s['inter_recv_max']:10.1f} "
+          f"{s['remote_kv_gib']:11.2f}" for n, s in st.items()),
         f"union fraction max {res['union_fraction_max']:.3f}, mean "
-        f"{res['union_fraction_mean']:.3f}; strategy='auto' takes {res['auto']}",
-        f"winner: {win} ({vs})"])  # fmt: skip
+        f"{res['union_fraction_mean']:.3f}; hybrid across nodes: {res['hybrid_outer']} "
+        f"(step s by outer strategy: {res['hybrid_outer_step_s']})",
+        f"auto (cheapest within the memory limit): {auto} ({vs}); fastest: {res['winner']}",
+    ])  # fmt: skip
 
 
 def _num(kind=int, count: int = 1, strict: bool = True):
@@ -291,7 +330,7 @@ def _num(kind=int, count: int = 1, strict: bool = True):
     return parse
 
 
-def sweep(args, shape: dict, links: Links, comp: Compute, marks: list[float]) -> list[dict]:
+def sweep(args, shape: dict, links: cost.Links, comp: Compute, marks: list[float]) -> list[dict]:
     """Projections over tokens x worlds x alphas (plus the routing's median alpha)."""
     alphas = sorted(set(args.alphas) | ({float(np.median(marks))} if marks else set()))
     out, cache = [], {}
@@ -304,85 +343,25 @@ def sweep(args, shape: dict, links: Links, comp: Compute, marks: list[float]) ->
     return out
 
 
-def sweep_markdown(rows: list[dict], marks: list[float], show=(1 << 20, 10_000_000)) -> str:
-    """Per (T in ``show``, P, alpha): union fraction, attention step time per strategy, and the
-    faster MoBA strategy's gate / attention / exposed-communication ms per layer."""
-    lines = ["| T | P | alpha | union max | selective s | allgather s | dense-ring s | winner | "
-             "MoBA gate / attn / comm ms |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in (r for r in rows if r["case"]["T"] in show):
-        c, s = r["case"], {k: f"{v['step_s']:.1f}" for k, v in r["strategies"].items()}
-        moba = min(("selective", "allgather"), key=lambda n: r["strategies"][n]["step_s"])
-        parts = " / ".join(f"{v:.0f}" for v in r["strategies"][moba]["parts_ms"].values())
-        cells = [f"{c['T']:,}", c["world"], f"{c['alpha']:.3g}", f"{r['union_fraction_max']:.3f}",
-                 *s.values(), r["winner"], parts]  # fmt: skip
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    if marks:
-        lines.append(f"\nrouting alpha: median {np.median(marks):.2f} over {len(marks)} "
-                     f"fits (layer, heads), range {min(marks):.2f}-{max(marks):.2f}")  # fmt: skip
+def sensitivity(a, shape: dict, links: cost.Links, comp: Compute) -> str:
+    """Markdown: what ``auto`` takes and its speed-up over the dense baselines for each network
+    bandwidth of ``--net-grid`` (tokens x worlds of the grid, one alpha)."""
+    lines = ["| T | P | net GB/s | auto | auto s | dense-ring s | dense, same split s | x ring "
+             "| x same split | auto remote GiB |", "|" + "---|" * 10]  # fmt: skip
+    for t in a.tokens_grid:
+        for w in a.worlds:
+            for net in a.net_grid:
+                r = project(Case(t, w, alpha=a.alpha, **shape), replace(links, net_gbs=net), comp)
+                st, auto = r["strategies"], r["auto"]
+                fair = st.get("dense-hybrid", st.get("dense-heads", st["dense-ring"]))
+                name = auto + (f" ({r['hybrid_outer']})" if auto == "hybrid" else "")
+                lines.append(
+                    f"| {t:,} | {w} | {net:g} | {name} | {st[auto]['step_s']:.1f} | "
+                    f"{st['dense-ring']['step_s']:.1f} | {fair['step_s']:.1f} | "
+                    f"{st['dense-ring']['step_s'] / st[auto]['step_s']:.2f} | "
+                    f"{fair['step_s'] / st[auto]['step_s']:.2f} | {st[auto]['remote_kv_gib']:.2f} |"
+                )
     return "\n".join(lines) + "\n"
-
-
-def _curve(rows: list[dict], x, y, **want) -> tuple[list, list]:
-    """Points (x(row), y(row)) sorted by x, of the rows whose case matches ``want``."""
-    pts = sorted((x(r), y(r)) for r in rows if all(r["case"][k] == v for k, v in want.items()))
-    return [a for a, _ in pts], [b for _, b in pts]
-
-
-def _step(name: str):
-    """Row -> attention step time of strategy ``name`` (``moba``: the faster MoBA one)."""
-    names = ("selective", "allgather") if name == "moba" else (name,)
-    return lambda r: min(r["strategies"][n]["step_s"] for n in names)
-
-
-def plot_sweep(rows: list[dict], path: Path, marks: list[float], focus: int) -> bool:
-    """Step time vs T (MoBA at the lowest and highest alpha vs dense ring), union fraction vs
-    T, and step time vs alpha at 1M/10M tokens on ``focus`` GPUs with the routing's alpha."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
-    worlds, alphas = (sorted({r["case"][k] for r in rows}) for k in ("world", "alpha"))
-    fig, ax = plt.subplots(1, 3, figsize=(17, 4.8))
-    for i, w in enumerate(worlds):
-        col, ls, lo = f"C{i}", ["-", "--", ":", "-."][i % 4], alphas[0]
-        x = lambda r: r["case"]["T"]  # noqa: E731
-        ax[0].loglog(*_curve(rows, x, _step("dense-ring"), world=w, alpha=lo), "-", color=col,
-                     label=f"dense ring, P={w}")  # fmt: skip
-        for a, style in ((lo, "--"), (alphas[-1], ":")):
-            ax[0].loglog(*_curve(rows, x, _step("moba"), world=w, alpha=a), style, color=col,
-                         label=f"MoBA, P={w}, alpha={a:g}")  # fmt: skip
-        for j, a in enumerate(alphas):
-            pts = _curve(rows, x, lambda r: r["union_fraction_max"], world=w, alpha=a)
-            ax[1].semilogx(*pts, ls, color=f"C{j}", label=f"alpha={a:.2g}" if i == 0 else None)
-    _alpha_panel(ax[2], rows, marks, focus, alphas)
-    ax[0].set(xlabel="tokens", ylabel="attention step time, s (fwd+bwd, all layers)",
-              title="MoBA CP (faster strategy) vs dense ring CP")  # fmt: skip
-    ax[1].set(xlabel="tokens", ylabel="union fraction (max over ranks)",
-              title=f"line style: P = {', '.join(map(str, worlds))}")  # fmt: skip
-    for a in ax:
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
-
-
-def _alpha_panel(ax, rows: list[dict], marks: list[float], focus: int, alphas: list) -> None:
-    top = max([0.0, *(a for a in alphas if math.isfinite(a))]) + 1.0  # where inf is drawn
-    x_of = {a: a if math.isfinite(a) else top for a in alphas}
-    for t, col in ((1 << 20, "C0"), (10_000_000, "C3")):
-        for name, style in (("selective", "-o"), ("allgather", "--"), ("dense-ring", ":")):
-            pts = _curve(rows, lambda r: x_of[r["case"]["alpha"]], _step(name), T=t, world=focus)
-            ax.semilogy(*pts, style, color=col, label=f"{name}, T={t:,}")
-    if marks:
-        label = f"trained routing alpha (fits {min(marks):.2f}-{max(marks):.2f})"
-        ax.axvline(min(float(np.median(marks)), top), color="k", label=label)
-    grid = [a for a in alphas if not marks or a != float(np.median(marks))]  # the mark: a line
-    ax.set_xticks([x_of[a] for a in grid], [f"{a:g}" for a in grid])
-    ax.set(xlabel="routing concentration alpha", ylabel="step time, s", title=f"P={focus}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -392,6 +371,10 @@ def _parser() -> argparse.ArgumentParser:
                       ("block", 4096), ("topk", 12), ("elem-bytes", 2)):  # fmt: skip
         g.add_argument(f"--{name}", type=_num(), default=val, metavar="N")
     g.add_argument("--layout", choices=cm.LAYOUTS, default="zigzag")
+    g.add_argument("--max-fetch-gib", type=_num(float), default=4.0,
+                   help="streamed: fetched K/V held at once per rank")  # fmt: skip
+    g.add_argument("--memory-gib", type=_num(float), default=16.0,
+                   help="auto: memory one layer call may hold per rank")  # fmt: skip
     h = common.add_argument_group("hardware (defaults: the --gpu preset, see PRESETS)")
     h.add_argument("--gpu", choices=sorted(PRESETS), default="h100")
     for name in ("nvlink-gbs", "net-gbs", "latency-us", "gate-tflops"):
@@ -400,8 +383,11 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("moba", "dense"):
         h.add_argument(f"--{name}-tflops", type=_num(float, 2), metavar="FWD,FWDBWD",
                        help="useful TFLOP/s where the table has no points (assumed)")  # fmt: skip
-    h.add_argument("--table", help="a rows.json of the benchmark tool (default: the newest "
-                   "results/<gpu preset>*/*/rows.json)")
+    h.add_argument(
+        "--table",
+        help="a rows.json of the benchmark tool (default: the newest "
+        "results/<gpu preset>*/*/rows.json)",
+    )
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("project", parents=[common], help="one case, all strategies")
@@ -418,10 +404,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--heads-per-group", type=_num(), default=1, help="heads pooled per fit")
     s.add_argument("--focus-world", type=_num(), default=64, help="P of the alpha panel")
     s.add_argument("--out-prefix", type=Path, default=RESULTS / "projection_sweep")
+    n = sub.add_parser("sensitivity", parents=[common], help="auto vs dense over network GB/s")
+    n.add_argument("--tokens-grid", type=_num(count=0), default=[1 << 20, 10**7])
+    n.add_argument("--worlds", type=_num(count=0), default=[64, 256])
+    n.add_argument("--net-grid", type=_num(float, 0), default=[20.0, 40.0, 80.0])
+    n.add_argument("--alpha", type=_num(float, strict=False), default=1.0)
+    n.add_argument("--out", type=Path, default=RESULTS / "projection_sensitivity.md")
     return ap
 
 
-def _setup(ap: argparse.ArgumentParser, a) -> tuple[dict, Links, Compute]:
+def _setup(ap: argparse.ArgumentParser, a) -> tuple[dict, cost.Links, Compute]:
     """Validate the arguments; model shape, links and compute of the run."""
     if a.hq % a.hkv:
         ap.error(f"--hq {a.hq} must be a multiple of --hkv {a.hkv}")
@@ -430,11 +422,12 @@ def _setup(ap: argparse.ArgumentParser, a) -> tuple[dict, Links, Compute]:
     if getattr(a, "routing", None) and not a.routing.is_file():
         ap.error(f"--routing {a.routing}: no such file (examples/train_cp.py writes it)")
     pre = PRESETS[a.gpu]
-    links = Links(a.nvlink_gbs or pre["nvlink"], a.net_gbs or pre["net"],
-                  a.gpus_per_node or pre["node"], a.latency_us or pre["lat_us"])  # fmt: skip
+    links = cost.Links(a.nvlink_gbs or pre["nvlink"], a.net_gbs or pre["net"],
+                       a.gpus_per_node or pre["node"], a.latency_us or pre["lat_us"])  # fmt: skip
     over = dict(moba=a.moba_tflops, dense=a.dense_tflops, gate=a.gate_tflops)
     shape = dict(hq=a.hq, hkv=a.hkv, d=a.head_dim, layers=a.layers, block=a.block,
-                 topk=a.topk, layout=a.layout, elem=a.elem_bytes)  # fmt: skip
+                 topk=a.topk, layout=a.layout, elem=a.elem_bytes, max_fetch_gib=a.max_fetch_gib,
+                 memory_gib=a.memory_gib)  # fmt: skip
     comp = load_compute(pre, a.table, a.head_dim, a.block, MOBA_BACKENDS, over)
     return shape, links, comp
 
@@ -449,11 +442,17 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
         return 0
+    if a.cmd == "sensitivity":
+        md = sensitivity(a, shape, links, comp)
+        a.out.write_text(f"`{' '.join(sys.argv)}`\n\n" + md)
+        print(md)
+        return 0
     marks = cm.routing_alphas(str(a.routing), a.heads_per_group) if a.routing else []
     rows = sweep(a, shape, links, comp, marks)
     meta = {"links": asdict(links), "compute": comp.labels, "routing_alphas": marks}
     a.out_prefix.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}))
-    a.out_prefix.with_suffix(".md").write_text(md := sweep_markdown(rows, marks))
+    md = sweep_markdown(rows, marks)
+    a.out_prefix.with_suffix(".md").write_text(f"`{' '.join(sys.argv)}`\n\n" + md)
     plot_sweep(rows, a.out_prefix.with_suffix(".png"), marks, a.focus_world)
     print(md)
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 import time
 
 import torch
@@ -96,14 +97,16 @@ def main() -> None:
     ok = all(e < tol for e in errs)
     s = attn.last_stats
     padded = f"(padded {pad.num_padded_tokens}) " if pad.num_padding else ""
-    print(
+    line = (
         f"rank {rank}/{world} {device} {str(dtype)[6:]} T={args.tokens} {padded}B={args.block} "
         f"K={args.topk} {args.layout}/{s['strategy']}: fwd+bwd {elapsed * 1e3:.1f} ms, "
         f"sent {s['bytes_sent'] / 1e6:.2f} MB, received {s['bytes_received'] / 1e6:.2f} MB, "
         f"union {s['union_fraction']:.3f}, density {s['density']:.3f}, "
-        f"rel err out/dq/dk/dv {' '.join(f'{e:.1e}' for e in errs)} -> {'OK' if ok else 'FAIL'}",
-        flush=True,
+        f"rel err out/dq/dk/dv {' '.join(f'{e:.1e}' for e in errs)} -> {'OK' if ok else 'FAIL'}"
     )
+    # One write per line: ranks share stdout, and print's separate newline write can interleave.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
     if not ok:
         raise SystemExit(1)

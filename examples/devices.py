@@ -181,10 +181,12 @@ def visible_gpus() -> int:
 
 
 def gloo_carries_cuda() -> bool:
-    """True once moba_dist's comm layer stages CUDA tensors through gloo groups.
+    """True when moba_dist's comm layer stages CUDA tensors through gloo groups.
 
-    The CP layer announces it with ``moba_dist.parallel.comm.GLOO_CARRIES_CUDA = True``; until
-    then CUDA tensors never meet a gloo group and ranks without their own GPU run on the CPU.
+    ``moba_dist.parallel.comm`` announces it with ``GLOO_CARRIES_CUDA = True`` (all_gather and
+    all_to_all of CUDA tensors go through the host; gloo moves broadcast and all_reduce itself),
+    so ranks without a GPU of their own share the visible GPUs. Where moba_dist cannot be
+    imported, or a version lacks the flag, ranks without their own GPU run on the CPU.
     """
     try:
         from moba_dist.parallel import comm

@@ -6,8 +6,13 @@ vendored trees; see ``EXCLUDED_DIRS``), sorts them by relative path and concaten
 bytes. Every ``HELD_OUT_EVERY``-th file (in that order) goes to the held-out split, so held-out
 text comes from files the model never trained on, not from other windows of the same file.
 
+The held-out files alternate between two halves, again whole files: ``valid`` (the 1st, 3rd, ...
+held-out file) picks hyperparameters such as the learning rate, and ``test`` (the 2nd, 4th, ...)
+gives the number reported, so a pick cannot flatter the reported loss. ``heldout`` is every
+held-out file (both halves), what train_cp.py evaluates on.
+
 The corpus depends on the Python version, so ``Corpus.info`` records the version, the file
-counts and the sha256 of both splits; two runs with the same hashes trained on the same bytes.
+counts and the sha256 of every split; two runs with the same hashes trained on the same bytes.
 """
 
 from __future__ import annotations
@@ -35,10 +40,13 @@ SEPARATOR = b"\n\n"  # between files, so no window joins two files mid-line
 
 @dataclass(frozen=True)
 class Corpus:
-    """Byte tokens of the training and held-out splits (int64 in [0, 256)) and their record."""
+    """Byte tokens (int64 in [0, 256)) of the splits and their record. ``heldout`` is ``valid``
+    and ``test`` together: no byte of it is in ``train``."""
 
     train: torch.Tensor
     heldout: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
     info: dict
 
 
@@ -62,29 +70,36 @@ def _tokens(blob: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8).long()
 
 
+def _record(splits: dict[str, bytes]) -> dict:
+    """Size and sha256 of each split."""
+    out = {f"{name}_bytes": len(blob) for name, blob in splits.items()}
+    out.update({f"sha256_{k}": hashlib.sha256(v).hexdigest() for k, v in splits.items()})
+    return out
+
+
 def build_corpus(root: str, held_out_every: int = HELD_OUT_EVERY) -> Corpus:
     """The filtered ``.py`` files under ``root``; file ``i`` (sorted order) is held out when
-    ``i % held_out_every == held_out_every - 1``."""
+    ``i % held_out_every == held_out_every - 1``, and the ``j``-th held-out file is in ``valid``
+    when ``j`` is even, else in ``test``."""
     if held_out_every < 2:
         raise ValueError(f"held_out_every must be >= 2, got {held_out_every}")
     files = list_files(root)
-    if len(files) < held_out_every:
-        raise ValueError(
-            f"{root!r} holds {len(files)} usable .py files, need >= held_out_every={held_out_every}"
-        )
-    parts: tuple[list[bytes], list[bytes]] = ([], [])
+    if len(files) < 2 * held_out_every:
+        raise ValueError(f"{root!r} holds {len(files)} usable .py files, need >= "
+                         f"2 * held_out_every={2 * held_out_every}")  # fmt: skip
+    train: list[bytes] = []
+    held: list[bytes] = []
     for i, rel in enumerate(files):
         with open(os.path.join(root, rel), "rb") as f:
-            parts[i % held_out_every == held_out_every - 1].append(f.read())
-    train, heldout = (SEPARATOR.join(p) for p in parts)
+            (held if i % held_out_every == held_out_every - 1 else train).append(f.read())
+    splits = {"train": SEPARATOR.join(train), "heldout": SEPARATOR.join(held),
+              "valid": SEPARATOR.join(held[0::2]), "test": SEPARATOR.join(held[1::2])}  # fmt: skip
     info = {
         "source": root, "python_version": platform.python_version(), "files": len(files),
-        "train_files": len(parts[0]), "heldout_files": len(parts[1]),
-        "held_out_every": held_out_every, "train_bytes": len(train), "heldout_bytes": len(heldout),
-        "sha256_train": hashlib.sha256(train).hexdigest(),
-        "sha256_heldout": hashlib.sha256(heldout).hexdigest(),
+        "train_files": len(train), "heldout_files": len(held), "valid_files": len(held[0::2]),
+        "test_files": len(held[1::2]), "held_out_every": held_out_every, **_record(splits),
     }  # fmt: skip
-    return Corpus(train=_tokens(train), heldout=_tokens(heldout), info=info)
+    return Corpus(**{k: _tokens(v) for k, v in splits.items()}, info=info)
 
 
 def build_stdlib_corpus() -> Corpus:
@@ -94,14 +109,16 @@ def build_stdlib_corpus() -> Corpus:
 
 def file_corpus(path: str, heldout_share: float = 0.05) -> Corpus:
     """One text file: the last ``heldout_share`` of its bytes is held out (a contiguous tail, so
-    no held-out window overlaps a training window)."""
+    no held-out window overlaps a training window); the tail's first half is ``valid``, its
+    second half ``test``."""
     if not 0.0 < heldout_share < 1.0:
         raise ValueError(f"heldout_share must be in (0, 1), got {heldout_share}")
     with open(path, "rb") as f:
         blob = f.read()
     cut = int(len(blob) * (1.0 - heldout_share))
-    info = {
-        "source": os.path.abspath(path), "train_bytes": cut, "heldout_bytes": len(blob) - cut,
-        "sha256": hashlib.sha256(blob).hexdigest(),
-    }  # fmt: skip
-    return Corpus(train=_tokens(blob[:cut]), heldout=_tokens(blob[cut:]), info=info)
+    mid = (cut + len(blob)) // 2
+    splits = {"train": blob[:cut], "heldout": blob[cut:], "valid": blob[cut:mid],
+              "test": blob[mid:]}  # fmt: skip
+    info = {"source": os.path.abspath(path), "sha256": hashlib.sha256(blob).hexdigest(),
+            **_record(splits)}  # fmt: skip
+    return Corpus(**{k: _tokens(v) for k, v in splits.items()}, info=info)

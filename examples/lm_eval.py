@@ -110,7 +110,7 @@ def plot_heldout_curves(runs: dict, path: str, unigram: float, title: str) -> No
     plt = _pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     for label, pts in runs.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3,
                 label=f"{label} ({pts[-1][1]:.3f})")  # fmt: skip
@@ -129,14 +129,16 @@ def plot_buckets(bpb: dict, path: str, block: int, title: str) -> None:
         return
     names = ("first_block", "beyond_2_blocks")
     ticks = [f"position < {block}\n(own block only)", f"position >= {2 * block}\n(beyond 2 blocks)"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     width = 0.8 / max(1, len(bpb))
     for i, (label, v) in enumerate(bpb.items()):
         xs = [j + (i - (len(bpb) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [v[n] for n in names], width, label=label)
+        bars = ax.bar(xs, [v[n] for n in names], width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
     ax.set_xticks(range(len(names)), ticks)
     ax.set_ylabel("held-out bits per byte")
-    ax.set_ylim(bottom=min(min(v[n] for n in names) for v in bpb.values()) * 0.9)
+    lo, hi = (f(f(v[n] for n in names) for v in bpb.values()) for f in (min, max))
+    ax.set_ylim(lo * 0.9, hi * 1.06)  # room for the value labels
     ax.set_title(title)
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BACKENDS", "MoBAConfig"]
+__all__ = [
+    "BACKENDS",
+    "GATE_PRECISIONS",
+    "HEAD_DIMS",
+    "MoBAConfig",
+    "check_gate_precision",
+    "check_head_dim",
+]
 
 #: Local kernel backends behind one dispatch (see ``moba_dist.kernels.dispatch``).
 BACKENDS = ("auto", "reference", "varlen", "triton")
+
+#: Score precisions of the CUDA gate (docs/routing.md): ``"float32"`` (the default and the
+#: routing contract: float32-quality scores) and the opt-ins ``"bf16x2"`` and ``"bf16"``.
+GATE_PRECISIONS = ("float32", "bf16x2", "bf16")
+
+#: Head dims the fused kernels take (Llama 128, Phi 96, Gemma 256, small models 64).
+HEAD_DIMS = (64, 96, 128, 256)
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -40,6 +54,21 @@ def check_backend(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
+def check_gate_precision(value: object, name: str = "gate_precision") -> str:
+    """Validate a gate score precision against :data:`GATE_PRECISIONS` (``name``: the argument
+    named in the message)."""
+    if not isinstance(value, str) or value not in GATE_PRECISIONS:
+        raise ValueError(f"{name} must be one of {GATE_PRECISIONS}, got {value!r}")
+    return value
+
+
+def check_head_dim(head_dim: object, what: str = "head_dim") -> int:
+    """Validate a head dim against :data:`HEAD_DIMS` (``what`` names it in the message)."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim not in HEAD_DIMS:
+        raise ValueError(f"{what} must be one of {HEAD_DIMS}, got {head_dim!r}")
+    return head_dim
+
+
 @dataclass(frozen=True)
 class MoBAConfig:
     """Hyper-parameters of one MoBA attention layer (arXiv 2502.13189).
@@ -65,11 +94,21 @@ class MoBAConfig:
     """Local kernel: ``"reference"`` (pure torch, any device), ``"varlen"`` (FlashAttention-2
     varlen kernels, CUDA), ``"triton"`` (fused kernels), or ``"auto"`` (fastest available)."""
 
+    gate_precision: str = "float32"
+    """Score precision of the CUDA gate, one of :data:`GATE_PRECISIONS`. ``"float32"`` (default)
+    keeps the routing contract: outside near-ties the selection is a float64 gate's. The opt-ins
+    ``"bf16x2"`` (two bf16 centroid pieces) and ``"bf16"`` (one bf16 dot) are faster and may
+    change choices where the (K-1)-th and K-th best scores are closer than ``4e-5`` resp.
+    ``1e-2`` times ``|q| * max|centroid|`` (measured agreement in docs/routing.md). The pure-torch
+    gate (CPU, float64, head dims the fused gate does not take) always scores exactly and
+    ignores it."""
+
     def __post_init__(self) -> None:
         check_positive_int("moba_chunk_size", self.moba_chunk_size)
         check_positive_int("moba_topk", self.moba_topk)
         check_scale(self.softmax_scale)
         check_backend(self.backend)
+        check_gate_precision(self.gate_precision)
 
     def scale_for(self, head_dim: int) -> float:
         """The softmax scale to use for ``head_dim``."""

@@ -34,11 +34,16 @@ __all__ = ["moba_attn_func", "moba_attn_varlen", "moba_route"]
 Tensor = torch.Tensor
 
 
-def moba_route(q: Tensor, k: Tensor, layout: BlockLayout, topk: int) -> Tensor:
-    """Gate of the single-device op: routing ``sel [T, Hq, K]`` int32 (see ``kernels.gate``)."""
+def moba_route(
+    q: Tensor, k: Tensor, layout: BlockLayout, topk: int, gate_precision: str = "float32"
+) -> Tensor:
+    """Gate of the single-device op: routing ``sel [T, Hq, K]`` int32 (see ``kernels.gate``;
+    ``gate_precision`` as in :class:`~moba_dist.config.MoBAConfig`)."""
     centroids = block_centroids(k, layout)
     tok = layout.token_block
-    return select_blocks(q, centroids, tok, layout.block_seq_first[tok], topk)
+    return select_blocks(
+        q, centroids, tok, layout.block_seq_first[tok], topk, precision=gate_precision
+    )
 
 
 def _to_device(x: Tensor, device: torch.device) -> Tensor:
@@ -80,7 +85,7 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 @torch.library.custom_op("moba_dist::varlen_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, chunk: int,
-    topk: int, scale: float, backend: str,
+    topk: int, scale: float, backend: str, gate_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``out [T, Hq, D]``, ``lse [Hq, T]``, ``sel [T, Hq, K]`` int32 (saved for backward)."""
     t, hq, _ = q.shape
@@ -89,7 +94,7 @@ def _fwd_op(
     if t == 0:
         sel = torch.empty(0, hq, topk, dtype=torch.int32, device=q.device)
         return q.new_empty(q.shape), q.new_empty((hq, 0), dtype=_lse_dtype(q)), sel
-    sel = moba_route(q, k, layout, topk)
+    sel = moba_route(q, k, layout, topk, gate_precision)
     if name == "varlen":
         out, lse = varlen_fwd(q, k, v, layout, sel, scale)
     else:
@@ -98,7 +103,7 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, chunk, topk, scale, backend):
+def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, chunk, topk, scale, backend, gate_precision):
     t, hq, _ = q.shape
     sel = q.new_empty((t, hq, topk), dtype=torch.int32)
     return q.new_empty(q.shape), q.new_empty((hq, t), dtype=_lse_dtype(q)), sel
@@ -139,7 +144,7 @@ def _bwd_fake(dout, dlse, q, k, v, out, lse, sel, cu_seqlens, max_seqlen, chunk,
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_seqlen, chunk, _topk, scale, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, chunk, _topk, scale, backend, _gate_precision = inputs
     out, lse, sel = output
     ctx.save_for_backward(q, k, v, out, lse, sel, cu_seqlens)
     ctx.args = (max_seqlen, chunk, scale, backend)
@@ -153,7 +158,7 @@ def _backward(ctx, dout, dlse, _dsel):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, sel, cu_seqlens, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("moba_dist::varlen_fwd", _backward, setup_context=_setup_context)
@@ -171,6 +176,7 @@ def moba_attn_varlen(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    gate_precision: str = "float32",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA attention over packed variable-length sequences.
 
@@ -193,6 +199,14 @@ def moba_attn_varlen(
             varlen a gradient reaching it raises ``NotImplementedError``.
         backend: ``"auto"`` (fastest available), ``"reference"`` (pure torch, any device),
             ``"varlen"`` (FlashAttention-2 varlen, CUDA fp16/bf16) or ``"triton"``.
+        gate_precision: score precision of the CUDA gate. ``"float32"`` (default) is the
+            routing contract above: float32-quality scores, so outside near-ties
+            (docs/semantics.md) the selection equals a float64 gate's. Opt-ins, faster and
+            less exact: ``"bf16x2"`` (two bf16 centroid pieces) and ``"bf16"`` (one bf16 dot),
+            which may pick differently where the (K-1)-th and K-th best scores are closer than
+            ``4e-5`` resp. ``1e-2`` times ``|q| * max|centroid|``; measured agreement in
+            docs/routing.md. The gate runs exactly (ignoring it) off CUDA, for float64 and for
+            head dims the fused gate does not take.
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype (and ``lse``), differentiable in q, k, v with the routing
@@ -200,17 +214,18 @@ def moba_attn_varlen(
 
     Raises:
         TypeError / ValueError naming the argument for bad shapes, dtypes, devices, offsets,
-        sizes or backend names; ValueError when an explicit backend cannot run here (for a
-        missing triton: "triton is not installed; pip install triton"). Checks of the offsets'
-        values run inside the op, when it executes.
+        sizes, backend or gate_precision names; ValueError when an explicit backend cannot run
+        here (for a missing triton: "triton is not installed; pip install triton"). Checks of
+        the offsets' values run inside the op, when it executes.
     """
     q, k, v = check_attention_inputs(q, k, v, "[T, H, D]")
     check_cu_seqlens_meta(cu_seqlens, q.device)
     check_max_seqlen_type(max_seqlen)
-    cfg = MoBAConfig(moba_chunk_size, moba_topk, softmax_scale, backend)
+    cfg = MoBAConfig(moba_chunk_size, moba_topk, softmax_scale, backend, gate_precision)
     out, lse, _ = _fwd_op(
         q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen,
         cfg.moba_chunk_size, cfg.moba_topk, cfg.scale_for(q.shape[-1]), cfg.backend,
+        cfg.gate_precision,
     )  # fmt: skip
     return (out, lse.float()) if return_lse else out
 
@@ -225,6 +240,7 @@ def moba_attn_func(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    gate_precision: str = "float32",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA attention for a batch of equal-length sequences in the flash-attn layout
     ``[B, S, H, D]`` (sequence before heads; NOT the ``[B, H, S, D]`` of
@@ -234,8 +250,8 @@ def moba_attn_func(
     silently attend over the wrong axis; mismatches that reveal it are reported as such.
 
     Exactly :func:`moba_attn_varlen` on the packed form with ``cu_seqlens = [0, S, 2S, ...]``;
-    see it for the semantics, GQA rule, backends and errors. ``S = 0`` (or ``B = 0``) gives
-    empty outputs.
+    see it for the semantics, GQA rule, backends, ``gate_precision`` and errors. ``S = 0`` (or
+    ``B = 0``) gives empty outputs.
     """
     q, k, v = check_batched_layout(q, k, v)
     bsz, seqlen = q.shape[:2]
@@ -247,6 +263,7 @@ def moba_attn_func(
         rearrange(q, "b s h d -> (b s) h d"), rearrange(k, "b s h d -> (b s) h d"),
         rearrange(v, "b s h d -> (b s) h d"), cu, seqlen, moba_chunk_size=moba_chunk_size,
         moba_topk=moba_topk, softmax_scale=softmax_scale, return_lse=True, backend=backend,
+        gate_precision=gate_precision,
     )  # fmt: skip
     out = out.view(bsz, seqlen, *out.shape[1:])
     if not return_lse:

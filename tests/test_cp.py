@@ -6,12 +6,16 @@ own shard of out, lse, dq, dk, dv and asserts.
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 import torch.distributed as dist
+from cp_cases import make_inputs, reference, seq_lens
 from dist_utils import run_world
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from moba_dist import MoBAContextParallel, moba_attn_varlen
+from moba_dist import MoBAContextParallel
 from moba_dist.parallel import CPContext, moba_cp_attn_varlen, pad_for_cp, shard
 
 pytestmark = pytest.mark.dist
@@ -22,33 +26,8 @@ TOL = dict(atol=1e-9, rtol=1e-9)
 HQ, HKV, D = 4, 2, 8
 
 
-def seq_lens(world: int, layout: str) -> list[int]:
-    """Awkward packed lengths that satisfy the layout: blocks and sequences cross ranks."""
-    if layout == "zigzag":
-        return [2 * world * 2, 2 * world * 5, 2 * world * 3]
-    lens = [7, 10 * world + 3, 5]
-    lens[-1] += (-sum(lens)) % world
-    return lens
-
-
 def make_global(lens, seed=0, hq=HQ, hkv=HKV):
-    g = torch.Generator().manual_seed(seed)
-    t = sum(lens)
-    q, k, v, dout = (
-        torch.randn(t, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq)
-    )
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k, v, dout, cu
-
-
-def reference(q, k, v, dout, cu, block, topk):
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = moba_attn_varlen(
-        *leaves, cu, int((cu[1:] - cu[:-1]).max()), moba_chunk_size=block, moba_topk=topk,
-        return_lse=True, backend="reference",
-    )  # fmt: skip
-    out.backward(dout)
-    return out.detach(), lse, *(x.grad for x in leaves)
+    return make_inputs(lens, hq, hkv, D, seed)
 
 
 def check_case(rank, world, layout, block, topk, strategy, group=None, seed=0, **kw):
@@ -101,6 +80,10 @@ def _mismatch_worker(rank, world):
     topk = 2 if rank == 0 else 3  # rank 1 disagrees
     with pytest.raises(ValueError, match=r"moba_topk: rank 0=2, rank 1=3"):
         moba_cp_attn_varlen(lq, lk, lv, cu, moba_chunk_size=4, moba_topk=topk)
+    # The gate's precision is part of the fingerprint: ranks must route alike.
+    prec = "float32" if rank == 0 else "bf16x2"
+    with pytest.raises(ValueError, match=r"gate_precision: rank 0=0, rank 1=1"):
+        moba_cp_attn_varlen(lq, lk, lv, cu, moba_chunk_size=4, moba_topk=2, gate_precision=prec)
     # A wrong shard size on one rank raises there and makes the others raise instead of hang.
     bad = [x[:-1] for x in (lq, lk, lv)] if rank == 1 else [lq, lk, lv]
     expected = f"got {lq.shape[0] - 1}" if rank == 1 else r"rank\(s\) \[1\]"
@@ -228,6 +211,22 @@ def _context_worker(rank, world):
         MoBAContextParallel(4, 2, layout="zigzag", backend="reference")(lq, lk, lv, ctx)
     with pytest.raises(ValueError, match=r"layout='zigzag', the layer uses layout='contiguous'"):
         MoBAContextParallel(5, 2, backend="reference")(lq, lk, lv, ctx)
+    # With a context the layer's fingerprint rides on the need exchange (no handshake of its
+    # own); a disagreement or a bad shard on one rank still raises on every rank, and the
+    # group stays usable afterwards (every rank left the same collectives behind).
+    want = layers[0](lq, lk, lv, ctx)
+    bad_topk = MoBAContextParallel(5, 2 if rank == 0 else 3, layout="zigzag", backend="reference")
+    with pytest.raises(ValueError, match=r"moba_topk: rank 0=2, rank 1=3"):
+        bad_topk(lq, lk, lv, ctx)
+    short = [x[:-1] for x in (lq, lk, lv)] if rank == 1 else [lq, lk, lv]
+    expected = f"got {lq.shape[0] - 1}" if rank == 1 else r"rank\(s\) \[1\]"
+    with pytest.raises(ValueError, match=expected):
+        layers[0](*short, ctx)
+    assert torch.equal(layers[0](lq, lk, lv, ctx), want)
+    # A whole-call strategy (heads) runs through the same module and context.
+    heads = MoBAContextParallel(5, 2, layout="zigzag", strategy="heads", backend="reference")
+    torch.testing.assert_close(heads(lq, lk, lv, ctx), want, **TOL)
+    assert heads.last_stats["strategy"] == "heads" and heads.last_stats["bytes_sent"] > 0
     # Ranks disagreeing on the batch raise at build time, all of them.
     bad = cu.clone()
     if rank == 1:
@@ -239,6 +238,56 @@ def _context_worker(rank, world):
 
 def test_context_built_once_per_batch():
     run_world(2, _context_worker)
+
+
+def _sync_sites_worker(rank, world):
+    # The CP runtime itself (moba_dist/parallel) makes no data-dependent op per layer call with
+    # a context: its one host read (the plan's counts, a .tolist() that no dispatch mode sees
+    # on the CPU) is the only device-to-host read it adds on CUDA. Every op whose output size
+    # or value needs the host is recorded with the innermost moba_dist frame that called it;
+    # the kernels' own sites (CPU reference paths, shared with the local op) are not counted.
+    q, k, v, dout, cu = make_global([64 * world], seed=17)
+    ctx = CPContext.build(cu, moba_chunk_size=8)
+    leaves = [shard(x, cu, rank=rank, world_size=world).requires_grad_() for x in (q, k, v)]
+    grad = shard(dout, cu, rank=rank, world_size=world)
+    for strategy in ("selective", "allgather"):
+        mod = MoBAContextParallel(8, 3, strategy=strategy, backend="reference")
+        with HostReads() as reads:
+            mod(*leaves, ctx).backward(grad)
+        mine = [site for site in reads.sites if "/parallel/" in site]
+        assert not mine, f"{strategy}: host reads in the CP runtime: {mine}"
+        assert reads.sites, "the recorder must see the kernels' own sites (else it is blind)"
+
+
+class HostReads(TorchDispatchMode):
+    """Records ops that read device values on the host (or size outputs by them)."""
+
+    OPS = frozenset({
+        torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+        torch.ops.aten._unique2.default, torch.ops.aten.unique_consecutive.default,
+        torch.ops.aten.unique_dim.default, torch.ops.aten.masked_select.default,
+        torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default,
+    })  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        reads = func in self.OPS or (
+            func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+        )
+        if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default):
+            reads = any(getattr(i, "dtype", None) == torch.bool for i in args[1] if i is not None)
+        if reads:
+            frames = [f for f in traceback.extract_stack() if "/moba_dist/" in f.filename]
+            self.sites.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
+        return func(*args, **kwargs)
+
+
+def test_cp_runtime_adds_no_host_reads():
+    run_world(2, _sync_sites_worker)
 
 
 def _empty_sequence_worker(rank, world):

@@ -3,6 +3,8 @@ dense-masked softmax, the gate against the single-device op, and the preallocate
 
 Tolerances: float32 throughout; the kernel and the naive reference differ only in summation
 order over at most a few hundred keys (~1e-6), so 1e-5 fails on any wrong key, head or block.
+The Triton gate must equal the PyTorch gate exactly: on small-integer data every score is exact
+in float32 whatever the summation order, so the many exact ties test the lower-block rule.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import pytest
 import torch
 
 from moba_dist import moba_attn_func
-from moba_dist.integrations.hf_decode import decode_backend, decode_select, moba_decode_step
+from moba_dist.integrations.hf_decode import (
+    decode_attend,
+    decode_backend,
+    decode_select,
+    moba_decode_step,
+)
 
 ATOL = 1e-5
 needs_interp = pytest.mark.skipif(
@@ -88,6 +95,77 @@ def test_step_matches_single_device_op_per_row(backend):
         qb[0, -1] = q[b]
         want = moba_attn_func(qb, kb, vb, moba_chunk_size=8, moba_topk=3, softmax_scale=0.25)
         torch.testing.assert_close(got[b], want[0, -1], atol=ATOL, rtol=0)
+
+
+def integer_problem(bt=3, hq=8, hkv=2, d=16, block=8, cap=96, seed=1):
+    """Small-integer keys and queries: block sums, centroids (/ 8) and scores are exact."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(-2, 3, (bt, hkv, cap, d), generator=g).float()
+    v = torch.randn(bt, hkv, cap, d, generator=g)
+    q = torch.randint(-2, 3, (bt, hq, d), generator=g).float()
+    starts = torch.tensor([0, 3, 6][:bt])
+    t = torch.tensor([cap - 1, 50, 77][:bt])
+    return q, k, v, starts, t
+
+
+@needs_interp
+@pytest.mark.parametrize("topk", [1, 2, 4, 13])
+def test_triton_gate_equals_twin_with_exact_ties(topk):
+    from moba_dist.kernels.triton_decode import decode_gate_triton
+
+    q, k, _, starts, t = integer_problem()
+    sums = exact_sums(k, starts, 8, 13, garbage=True)  # garbage past each row's complete blocks
+    got = decode_gate_triton(q, sums, t, 8, topk)
+    want = decode_select(q[:, :, None], sums, t[:, None], 8, topk, sums.shape[2])[:, 0]
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+    if topk == 4:  # the data really has exact ties among candidate scores
+        cent = sums[:, :, :9] / 8
+        scores = torch.einsum("bhgd,bhjd->bhgj", q.view(3, 2, 4, 16), cent)[0].flatten(0, 1)
+        assert any(len(set(row.tolist())) < len(row) for row in scores)
+
+
+def _shared_heads(q, hkv):
+    """The query heads of every KV group made equal: they choose the same blocks."""
+    bt, hq, d = q.shape
+    return q.view(bt, hkv, hq // hkv, d)[:, :, :1].expand(-1, -1, hq // hkv, -1).reshape(q.shape)
+
+
+@needs_interp
+@pytest.mark.parametrize(
+    ("hq", "topk", "block", "min_chunk", "shared"),
+    [(4, 3, 8, 512, False), (8, 2, 8, 512, True), (8, 4, 8, 512, False), (8, 3, 8, 2, False),
+     (8, 13, 16, 1, False)],
+    ids=["by-rank", "by-rank-shared-heads", "by-block", "by-rank-split-chunks",
+         "by-block-16-splits-two-merge-steps"],
+)  # fmt: skip
+def test_triton_step_matches_twin_and_naive(hq, topk, block, min_chunk, shared):
+    # by-rank: 1 + G (K - 1) slots < 12 blocks; by-block: 1 + 4 * 3 = 13 slots >= 12 blocks.
+    # The merge takes 128 // 16 = 8 splits of the 16 per step: two steps.
+    from moba_dist.kernels.triton_decode import DecodeConfig
+
+    q, k, v, starts, t = integer_problem(hq=hq)
+    q = _shared_heads(q, 2) if shared else q
+    config = DecodeConfig(min_chunk=min_chunk, block_n=16)
+    sums = exact_sums(k, starts, block, 96 // block + 1, garbage=True)
+    got = moba_decode_step(q, k, v, sums, starts, t, block, topk, 0.3, "triton", config)
+    sel = decode_select(q[:, :, None], sums, t[:, None], block, topk, sums.shape[2])
+    twin = decode_attend(q[:, :, None], k, v, sel, t[:, None], starts, block, 0.3)[:, 0]
+    torch.testing.assert_close(got, twin, atol=ATOL, rtol=0)
+    want = naive_selected_attention(q, k, v, sel[:, 0], starts, t, block, 0.3)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_decode_config_and_chunks():
+    from moba_dist.kernels.triton_decode import DecodeConfig, decode_chunk
+
+    for bad in ({"block_n": 48}, {"block_n": 512}, {"num_warps": 0}, {"min_chunk": 0}):
+        with pytest.raises(ValueError, match="DecodeConfig"):
+            DecodeConfig(**bad)
+    cfg = DecodeConfig(target_programs=1024, min_chunk=256)  # not the default min_chunk
+    assert decode_chunk(4096, 8 * 12, cfg) == 256  # 96 blocks read: split 16 ways
+    assert decode_chunk(4096, 256, cfg) == 1024
+    assert decode_chunk(4096, 2048, cfg) == 4096  # already wide: whole blocks
+    assert decode_chunk(4000, 1, cfg) == 250  # halves while even and above the minimum
 
 
 def test_step_topk1_is_own_block_only():

@@ -140,7 +140,13 @@ def test_summary_line():
         choose_devices(1, 2).index(2)
 
 
-def test_cli_exit_codes(capsys):
+def test_cli_exit_codes(capsys, monkeypatch):
+    # moba_dist's comm layer stages CUDA tensors through gloo: 2 ranks share 1 GPU.
+    assert main(["--local-world-size", "2", "--gpus", "1"]) == 0
+    assert "2 ranks on cuda:0 shared by 2 ranks, backend gloo" in capsys.readouterr().out
+    assert main(["--local-world-size", "2", "--gpus", "1", "--backend", "nccl"]) == 2
+    assert "--nproc-per-node 1" in capsys.readouterr().err
+    monkeypatch.setattr("devices.gloo_carries_cuda", lambda: False)  # a comm layer without it
     assert main(["--local-world-size", "2", "--gpus", "1"]) == 0
     assert "2 ranks on cpu" in capsys.readouterr().out
     assert main(["--local-world-size", "2", "--gpus", "1", "--device", "cuda"]) == 2
@@ -148,21 +154,27 @@ def test_cli_exit_codes(capsys):
 
 
 def test_select_devices_exits_before_cuda(monkeypatch):
-    """Under torchrun with more ranks than GPUs, --device cuda exits with the fix (this CPU
-    build sees no GPU) instead of a CUDA error; other local ranks exit silently with code 2."""
+    """Under torchrun with more ranks than GPUs, backend nccl exits with the fix (this CPU build
+    sees no GPU) instead of a CUDA error; other local ranks exit silently with code 2. Sharing
+    the GPU over gloo pins every rank to it."""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr("devices.visible_gpus", lambda: 1)
     monkeypatch.setattr("devices.time.sleep", lambda s: None)
     with pytest.raises(SystemExit) as e:
-        select_devices("cuda", prog="demo")
-    assert str(e.value).startswith("demo: --device cuda needs one GPU per rank")
+        select_devices("cuda", "nccl", prog="demo")
+    assert str(e.value).startswith("demo: backend nccl needs one GPU per rank")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(SystemExit) as e:
-        select_devices("cuda", prog="demo")
+        select_devices("cuda", "nccl", prog="demo")
     assert e.value.code == 2
-    plan, index = select_devices("auto", prog="demo")  # one GPU, two ranks: the CPU
+    pinned = []
+    monkeypatch.setattr("torch.cuda.set_device", pinned.append)
+    plan, index = select_devices("auto", prog="demo")  # one GPU, two ranks: shared over gloo
+    assert (plan.device_type, plan.backend, index, pinned) == ("cuda", "gloo", 0, [0])
+    monkeypatch.setattr("devices.gloo_carries_cuda", lambda: False)
+    plan, index = select_devices("auto", prog="demo")  # without staging: the CPU
     assert (plan.device_type, index) == ("cpu", None)
 
 
@@ -180,3 +192,15 @@ def test_demo_cp_pads_three_ranks():
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("rank ")]
     assert len(lines) == 3 and all("(padded 1026)" in ln and ln.endswith("OK") for ln in lines)
     assert "devices: 3 ranks on cpu, backend gloo, float32 - --device cpu requested" in res.stdout
+
+
+def test_comm_layer_announces_gloo_cuda():
+    """moba_dist.parallel.comm stages CUDA tensors through gloo, so ranks may share a GPU."""
+    from devices import gloo_carries_cuda
+
+    from moba_dist.parallel import comm
+
+    assert comm.GLOO_CARRIES_CUDA is True and gloo_carries_cuda() is True
+    assert choose_devices(1, 4, gloo_cuda=gloo_carries_cuda()).devices() == (
+        "cuda:0 shared by 4 ranks"
+    )

@@ -57,6 +57,12 @@ BAD = {
     "topk-0": (dict(moba_topk=0), ValueError, "moba_topk must be >= 1, got 0"),
     "scale-neg": (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
     "backend": (dict(backend="cuda"), ValueError, "backend must be one of"),
+    "gate-precision": (
+        dict(gate_precision="tf32"),
+        ValueError,
+        r"gate_precision must be one of \('float32', 'bf16x2', 'bf16'\), got 'tf32'",
+    ),
+    "gate-precision-type": (dict(gate_precision=None), ValueError, "gate_precision must be one"),
     "varlen-on-cpu": (dict(backend="varlen"), ValueError, "backend='varlen' cannot run here"),
 }
 
@@ -83,10 +89,14 @@ def test_batched_form_checks_rank():
 def test_config_is_frozen_and_validated():
     cfg = MoBAConfig(moba_chunk_size=512, moba_topk=3)
     assert cfg.scale_for(64) == 64**-0.5 and cfg.backend == "auto"
+    assert cfg.gate_precision == "float32"  # the exact gate unless opted out
     with pytest.raises(AttributeError):
         cfg.moba_topk = 4  # type: ignore[misc]
     with pytest.raises(ValueError, match="backend must be one of"):
         MoBAConfig(512, 3, backend="flash")
+    with pytest.raises(ValueError, match=r"gate_precision must be one of .* got 'fp8'"):
+        MoBAConfig(512, 3, gate_precision="fp8")
+    assert MoBAConfig(512, 3, gate_precision="bf16").gate_precision == "bf16"
 
 
 def test_public_api_is_pinned():
@@ -94,7 +104,7 @@ def test_public_api_is_pinned():
         ["MoBAConfig", "MoBAContextParallel", "__version__", "moba_attn_func", "moba_attn_varlen"]
     )
     assert sorted(moba_dist.parallel.__all__) == sorted(
-        ["LAYOUTS", "CPContext", "CPPadding", "check_layout", "local_positions",
+        ["LAYOUTS", "CPConfig", "CPContext", "CPPadding", "check_layout", "local_positions",
          "moba_cp_attn_varlen", "pad_for_cp", "shard", "unshard"]
     )  # fmt: skip
     for name in moba_dist.__all__:

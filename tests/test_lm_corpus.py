@@ -56,12 +56,25 @@ def test_corpus_is_deterministic_and_splits_by_file(tmp_path):
     assert a.info["python_version"] == ".".join(map(str, sys.version_info[:3]))
 
 
+def test_validation_and_test_splits_are_whole_held_out_files(tmp_path):
+    # The learning-rate pick reads valid, the reported number test: they must share no file.
+    kept = make_tree(tmp_path)
+    a, b = build_corpus(str(tmp_path), held_out_every=5), build_corpus(str(tmp_path), 5)
+    assert torch.equal(a.valid, b.valid) and torch.equal(a.test, b.test)
+    held = [r for i, r in enumerate(kept) if i % 5 == 4]  # m04, m09, m14, m19, m24 in sorted order
+    assert bytes(a.valid.to(torch.uint8).tolist()) == read(tmp_path, held[0::2])
+    assert bytes(a.test.to(torch.uint8).tolist()) == read(tmp_path, held[1::2])
+    assert bytes(a.heldout.to(torch.uint8).tolist()) == read(tmp_path, held)
+    assert (a.info["valid_files"], a.info["test_files"]) == (3, 2)
+    assert a.info["sha256_test"] == hashlib.sha256(read(tmp_path, held[1::2])).hexdigest()
+
+
 def test_corpus_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="root must be a directory"):
         build_corpus(str(tmp_path / "missing"))
     make_tree(tmp_path)
-    with pytest.raises(ValueError, match="need >= held_out_every=30"):
-        build_corpus(str(tmp_path), held_out_every=30)
+    with pytest.raises(ValueError, match="need >= 2 \\* held_out_every=26"):
+        build_corpus(str(tmp_path), held_out_every=13)
     with pytest.raises(ValueError, match="heldout_share must be in"):
         file_corpus(str(tmp_path / "m00.py"), heldout_share=1.0)
 
@@ -71,6 +84,7 @@ def test_file_corpus_holds_out_the_tail(tmp_path):
     path.write_bytes(bytes(range(100)))
     c = file_corpus(str(path), heldout_share=0.1)
     assert c.train.tolist() == list(range(90)) and c.heldout.tolist() == list(range(90, 100))
+    assert c.valid.tolist() == list(range(90, 95)) and c.test.tolist() == list(range(95, 100))
 
 
 def test_bits_per_byte_on_a_hand_made_case():

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from moba_naive import naive_moba
 
-from moba_dist import moba_attn_func, moba_attn_varlen
+from moba_dist import moba_attn_func, moba_attn_varlen, ops
+from moba_dist.config import GATE_PRECISIONS
 
 # Float64 inputs run the library in float64 end to end; the oracle differs only in summation
 # order, so 1e-9 is ~1e5 ulps of headroom and still catches any wrong mask entry (O(0.1) errors).
@@ -253,3 +254,37 @@ def test_lse_only_loss_has_gradient():
         # lse does not depend on v: either side may leave v.grad None or give zeros.
         ga, gb = (x.grad if x.grad is not None else torch.zeros_like(x) for x in (a, b))
         torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-6)  # as above
+
+
+@pytest.mark.parametrize("precision", [None, *GATE_PRECISIONS], ids=str)
+def test_gate_precision_reaches_the_gate(precision, monkeypatch):
+    # Both public ops hand gate_precision to the gate unchanged; leaving it out means float32.
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    real = ops.select_blocks
+    monkeypatch.setattr(ops, "select_blocks", spy)
+    q, k, v, cu = make_inputs([16, 16], 4, 2, dtype=torch.float32)
+    kw = dict(moba_chunk_size=4, moba_topk=2, backend="reference")
+    if precision is not None:
+        kw["gate_precision"] = precision
+    moba_attn_varlen(q, k, v, cu, 16, **kw)
+    moba_attn_func(*(x.view(2, 16, *x.shape[1:]) for x in (q, k, v)), **kw)
+    assert seen == [precision or "float32"] * 2
+
+
+@pytest.mark.parametrize("precision", ["bf16x2", "bf16"])
+def test_opt_in_precision_routes_exactly_on_cpu(precision):
+    # The CPU gate is the exact torch gate whatever gate_precision says: the opt-ins give the
+    # default's result bit for bit, and both match the float64 oracle (random inputs: no
+    # near-ties at this size).
+    q, k, v, cu = make_inputs([7, 33, 40], 4, 2, d=64, dtype=torch.float32, seed=4)
+    kw = dict(moba_chunk_size=8, moba_topk=3, backend="reference")
+    default = moba_attn_varlen(q, k, v, cu, 40, **kw)
+    opted = moba_attn_varlen(q, k, v, cu, 40, gate_precision=precision, **kw)
+    assert torch.equal(opted, default)
+    want, _ = naive_moba(q.double(), k.double(), v.double(), cu.tolist(), 8, 3)
+    torch.testing.assert_close(opted.double(), want, **TOL32)

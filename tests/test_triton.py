@@ -14,10 +14,8 @@ triton = pytest.importorskip("triton")
 from moba_dist import moba_attn_varlen  # noqa: E402
 from moba_dist.kernels import triton_moba  # noqa: E402
 from moba_dist.kernels.blocks import BlockLayout  # noqa: E402
-from moba_dist.kernels.gate import block_centroids, select_blocks  # noqa: E402
 from moba_dist.kernels.plan_types import BwdConfig, RoutedKeys, RoutedProblem  # noqa: E402
 from moba_dist.kernels.reference import reference_routed_bwd, reference_routed_fwd  # noqa: E402
-from moba_dist.kernels.triton_gate import select_blocks_triton  # noqa: E402
 from moba_dist.ops import moba_route  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,6 +31,11 @@ CASES = {
     "mha-top1": ([50], 16, 2, 2, 64, 1),
     "top-ge-blocks": ([45, 20], 16, 2, 1, 64, 100),
     "d128-top3": ([48], 16, 2, 2, 128, 3),
+    # Blocks of 40 rows over 16-row key tiles: unmasked full tiles, a ragged masked tail, and
+    # groups of many entries (full and ragged query tiles in dK/dV); D = 96 runs padded to 128.
+    "B40-d96-top3": ([90, 33], 40, 4, 2, 96, 3),
+    "B40-d64-gqa4-top2": ([100], 40, 8, 2, 64, 2),
+    "B24-d256-top2": ([60], 24, 2, 1, 256, 2),
 }
 
 
@@ -164,20 +167,6 @@ def test_bitwise_repeatable():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
-GATE_CASES = {"packed-B8-top3": ([37, 70, 5], 8, 3), "top1": ([30], 8, 1), "top-ge": ([50], 4, 20)}
-
-
-@pytest.mark.parametrize("case", GATE_CASES.values(), ids=GATE_CASES.keys())
-def test_triton_gate_matches_torch_gate(case):
-    lens, block, topk = case
-    q, k, *_, layout, _ = make(lens, block, 4, 2, 32, topk, seed=8)
-    c, tok = block_centroids(k, layout), layout.token_block
-    args = (q, c, tok, layout.block_seq_first[tok], topk)
-    # Random float32 data: near-ties within a few ulps are astronomically unlikely at this size.
-    want = select_blocks(*args)
-    assert torch.equal(select_blocks_triton(*args), want)
-
-
 @pytest.mark.parametrize("max_block_rows", [None, 8])
 def test_dkdv_slabs_accumulate(max_block_rows):
     # Tiny dK/dV slabs: groups span several slabs, whose partial dK/dV must add up exactly
@@ -197,21 +186,6 @@ def test_dkdv_slabs_accumulate(max_block_rows):
             # bf16 output: one rounding of the float32 result (relative 2^-9).
             tol = TOL if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
             torch.testing.assert_close(a.float(), b, **tol, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def test_triton_gate_exact_ties_to_lower_block():
-    # Identical blocks: every past block ties exactly, so the lowest ids must win, in order.
-    # Small integers keep every centroid and score exact whatever the matmul's summation order
-    # (random floats can round differently per column of a CPU matmul and break the tie).
-    g = torch.Generator().manual_seed(12)
-    k = torch.randint(-3, 4, (4, 1, 16), generator=g).float().repeat(6, 1, 1).to(DEV)
-    q = torch.randint(-3, 4, (24, 1, 16), generator=g).float().to(DEV)
-    layout = BlockLayout.build(torch.tensor([0, 24], dtype=torch.int32, device=DEV), 4)
-    tok = layout.token_block
-    args = (q, block_centroids(k, layout), tok, layout.block_seq_first[tok], 3)
-    for prec in ("float32",):
-        sel = select_blocks_triton(*args, precision=prec)
-        assert sel[23, 0].tolist() == [5, 0, 1] and sel[5, 0].tolist() == [1, 0, -1]
 
 
 @pytest.mark.skipif(DEV != "cpu", reason="checks the interpreter's CPU rules")
@@ -289,3 +263,25 @@ def test_configs_are_passed_not_patched():
     want = reference_routed_bwd(do, q, k, v, ref_out, ref_lse, prob)
     for name, a, b in zip(["dq", "dk", "dv"], got, want, strict=True):
         close(name, a, b)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2)], ids=["mha", "gqa2"])
+def test_dense_triton_yardstick_matches_sdpa(hq, hkv):
+    # The benchmark's dense causal flash is built from the routed kernels' tile steps; against
+    # the math SDPA in float32 (same tolerance reasoning as TOL: a few dozen keys per row).
+    from benchmarks.moba_bench.triton_dense import dense_triton_fwd, dense_triton_fwd_bwd
+
+    g = torch.Generator().manual_seed(7)
+    q, do = (torch.randn(1, hq, 64, 16, generator=g).to(DEV) for _ in range(2))
+    k, v = (torch.randn(1, hkv, 64, 16, generator=g).to(DEV) for _ in range(2))
+    tiles = (16, 16, 1, 1)
+    lq, lk, lv = (x.clone().requires_grad_() for x in (q, k, v))
+    rep = hq // hkv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        lq, lk.repeat_interleave(rep, 1), lv.repeat_interleave(rep, 1), is_causal=True
+    )
+    ref.backward(do)
+    close("out", dense_triton_fwd(q, k, v, tiles)[0], ref)
+    got = dense_triton_fwd_bwd(q, k, v, do, tiles, tiles, tiles)
+    for name, a, b in zip(["dq", "dk", "dv"], got, (lq, lk, lv), strict=True):
+        close(name, a, b.grad)

@@ -11,7 +11,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moba_dist.kernels.flash import flash_varlen_bwd, flash_varlen_fwd
 
-__all__ = ["dense_backends", "math_varlen_fns", "sdpa_call", "sdpa_fns", "varlen_dense_fns"]
+__all__ = [
+    "YARDSTICK",
+    "dense_backends",
+    "math_varlen_fns",
+    "sdpa_call",
+    "sdpa_fns",
+    "triton_dense_fns",
+    "varlen_dense_fns",
+]
+
+#: Our own dense causal Triton flash (``triton_dense.py``): timed beside the baselines, never
+#: chosen as the run's dense.
+YARDSTICK = "triton-dense"
 
 _SDPA = {
     "dense-cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -57,6 +69,17 @@ def sdpa_fns(name: str, q, k, v, do, lens) -> tuple[Callable, Callable]:
         lq.grad = lk.grad = lv.grad = None
 
     return fwd, fwd_bwd
+
+
+def triton_dense_fns(q, k, v, do, lens) -> tuple[Callable, Callable]:
+    """(forward, forward+backward) of the dense Triton yardstick on equal sequences."""
+    from .triton_dense import dense_triton_fwd, dense_triton_fwd_bwd
+
+    b = len(lens)
+    qh, kh, vh, doh = (
+        x.view(b, -1, *x.shape[1:]).transpose(1, 2).contiguous() for x in (q, k, v, do)
+    )
+    return (lambda: dense_triton_fwd(qh, kh, vh)), (lambda: dense_triton_fwd_bwd(qh, kh, vh, doh))
 
 
 def varlen_dense_fns(q, k, v, do, cu: torch.Tensor, max_len: int) -> tuple[Callable, Callable]:

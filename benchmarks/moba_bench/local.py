@@ -79,6 +79,8 @@ def moba_fns(q, k, v, do, cu, case: Case, backend: str):
 
 
 def _dense_fns(name, q, k, v, do, cu, case: Case):
+    if name == dense.YARDSTICK:
+        return dense.triton_dense_fns(q, k, v, do, case.lens)
     if len(set(case.lens)) == 1:
         return dense.sdpa_fns(name, q, k, v, do, case.lens)
     if name == "dense-math":
@@ -97,12 +99,25 @@ def _measure(row: dict, fns, budget: Budget, reps: int, device, fwd_only: bool) 
     if fwd_only:
         return
     row["fwdbwd_ms"] = budget.time(fwd_bwd, reps, device)
-    if row["backend"].startswith("dense"):
+    if _is_dense(row["backend"]):
         return
     row["peak_gib"] = peak_gib(fwd_bwd, device)
     syncs_f, syncs_fb = count_syncs(fwd, device), count_syncs(fwd_bwd, device)
     if syncs_f is not None:
         row["syncs_fwd"], row["syncs_bwd"] = syncs_f, syncs_fb - syncs_f
+
+
+def _is_dense(name: str) -> bool:
+    return name.startswith("dense") or name == dense.YARDSTICK
+
+
+def _names(case: Case, backend: str, device) -> tuple[str, ...]:
+    """MoBA, the dense baselines, and the Triton yardstick where its kernel applies."""
+    names = (backend, *dense.dense_backends(device))
+    equal = len(set(case.lens)) == 1 and case.longest % 128 == 0
+    if device.type == "cuda" and case.kind == "op" and equal and case.d in (64, 128, 256):
+        names += (dense.YARDSTICK,)
+    return names
 
 
 def _base_row(case: Case) -> dict:
@@ -132,18 +147,18 @@ def run_local_case(
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     budget, rows = Budget(budget_s), []
     q, k, v, do, cu = make_inputs(case, device, dtype)
-    for name in (backend, *dense.dense_backends(device)):
+    for name in _names(case, backend, device):
         row = dict(_base_row(case), backend=name)
         try:
-            if name.startswith("dense") and case.longest >= LONG_DENSE and not dense_long:
+            if _is_dense(name) and case.longest >= LONG_DENSE and not dense_long:
                 raise RuntimeError(f"skipped: dense at >= {LONG_DENSE} tokens needs --dense-long")
             if case.kind == "layer":
                 fns = layer_fns(case, name, device, dtype)
-            elif name.startswith("dense"):
+            elif _is_dense(name):
                 fns = _dense_fns(name, q, k, v, do, cu, case)
             else:
                 fns = moba_fns(q, k, v, do, cu, case, name)
-            fwd_only = name.startswith("dense") and case.dense_fwd_only
+            fwd_only = _is_dense(name) and case.dense_fwd_only
             _measure(row, fns, budget, reps, device, fwd_only and case.kind == "op")
         except Exception as e:  # keep the other backends' numbers (out of memory, budget)
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -167,7 +182,7 @@ def finish_rows(rows: list[dict], case: Case) -> list[dict]:
             r[f"dense_{key}"] = best[key] if best else None
             r[f"dense_{key.removesuffix('_ms')}_backend"] = best["backend"] if best else None
     for r in rows:
-        flops = r["dense_flops_fwd"] if r["backend"].startswith("dense") else r["moba_flops_fwd"]
+        flops = r["dense_flops_fwd"] if _is_dense(r["backend"]) else r["moba_flops_fwd"]
         for key, mult in (("fwd", 1.0), ("fwdbwd", FWD_BWD_FACTOR)):
             ms = r.get(f"{key}_ms")
             if not ms:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .dense import YARDSTICK
+
 __all__ = ["plot_all"]
 
 DENSE = "dense = faster of cuDNN SDPA / FA2, same run"
@@ -42,6 +44,7 @@ def _op_plots(plt, rows: list[dict], folder: Path) -> list[str]:
         if r["job"] == "local"
         and r.get("kind") == "op"
         and not r["backend"].startswith("dense")
+        and r["backend"] != YARDSTICK
         and "error" not in r
     ]
     if not moba:

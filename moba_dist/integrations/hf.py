@@ -24,7 +24,8 @@ attention (the Llama family: Llama, Mistral without sliding window, Qwen2/3, ...
 - Cached decoding (query length < key length): MoBA, not dense. A new query at position t attends
   to its own block (positions ``block_start..t``) plus the top-(K-1) complete past blocks by
   ``q . centroid`` (float32, ties to the lower block), reading only those K blocks' keys: on
-  CUDA one Triton kernel per layer reads them in place from the preallocated cache.
+  CUDA three Triton launches per layer (gate, attention, merge) read them in place from the
+  preallocated cache.
   Centroids come from :class:`MoBACache`, which keeps block key sums up to date as keys are
   appended; with any other dynamic cache the sums are recomputed from all keys each step (same
   result, slower, with a warning). Batched generation needs left padding.
@@ -336,7 +337,7 @@ def _prefill(
     bt, hq, s, d = query.shape
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [Bt, S, H, D], K/V not repeated
     opts = {"moba_chunk_size": cfg.moba_chunk_size, "moba_topk": cfg.moba_topk}
-    opts.update(softmax_scale=scale, backend=cfg.backend)
+    opts.update(softmax_scale=scale, backend=cfg.backend, gate_precision=cfg.gate_precision)
     layer = find_moba_layer(key)
     if layer is not None and (mask is None or not mask.packed):
         layer.moba_sums_for(key, cfg.moba_chunk_size, [0] * bt if mask is None else mask.starts)

@@ -15,16 +15,17 @@ inputs), exact ties to the lower block: the same rule as the single-device gate
 (``moba_dist.kernels.gate``). Blocks strictly before a query's own block are always complete,
 so a centroid is always ``sum / block``; the cache keeps only complete blocks' sums.
 
-One new query per row (the decode step proper) runs through :func:`moba_decode_step`: the gate
-over a fixed number of block sums and the selected blocks read in place from a preallocated cache
-by one Triton kernel (:mod:`moba_dist.kernels.triton_decode`; :func:`decode_attend` is its
-pure-PyTorch twin). Every shape depends on the cache capacity only and positions are device
-tensors, so the step is CUDA-graph capturable.
+One new query per row (the decode step proper) runs through :func:`moba_decode_step`: on CUDA
+three Triton launches (:mod:`moba_dist.kernels.triton_decode`: the gate over a fixed number of
+block sums, the selected blocks read in place from a preallocated cache, the merge), whose
+pure-PyTorch twin is :func:`decode_select` + :func:`decode_attend`. Every shape depends on the
+cache capacity only and positions are device tensors, so the step is CUDA-graph capturable.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from moba_dist.kernels.dispatch import TRITON_MISSING, triton_installed
 
 # The same IEEE-float32 guard the library's gate uses (no TF32 for gate scores).
 from moba_dist.kernels.gate import _exact_fp32, gate_dtype
+
+if TYPE_CHECKING:  # the kernels import triton, which this module must not need
+    from moba_dist.kernels.triton_decode import DecodeConfig
 
 __all__ = [
     "block_sums",
@@ -69,15 +73,13 @@ def moba_decode(
     _, hq, nq, _ = q.shape
     kv_len = k.shape[2]
     t = query_positions(starts, kv_len, nq)
-    n_cand = (kv_len - 1 - int(starts.min())) // block  # the largest own-block index
     if nq == 1 and decode_backend("auto", q) == "triton":
-        from moba_dist.kernels.triton_decode import decode_attend_triton
+        from moba_dist.kernels.triton_decode import moba_decode_triton
 
-        sel = decode_select(q, sums, t, block, topk, n_cand)
-        out = decode_attend_triton(
-            q[:, :, 0], k, v, sel[:, 0], starts, t[:, 0], block, scale, n_blocks=n_cand + 1
-        )
-        return out[:, None]
+        return moba_decode_triton(q[:, :, 0], k, v, sums, starts, t[:, 0], block, topk, scale)[
+            :, None
+        ]
+    n_cand = (kv_len - 1 - int(starts.min())) // block  # the largest own-block index
     step = max(1, _GATHER_BUDGET // (hq * (n_cand + 1) * block))
     outs = []
     for i0 in range(0, nq, step):
@@ -126,6 +128,7 @@ def moba_decode_step(
     topk: int,
     scale: float,
     backend: str = "auto",
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """One MoBA decode step over a preallocated cache, with no host synchronisation.
 
@@ -138,22 +141,25 @@ def moba_decode_step(
         starts, t: ``[Bt]`` int device tensors, first real slot and query position per row.
         block, topk, scale: MoBA block size, K, softmax scale.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`decode_backend`).
+        config: launch knobs of the Triton kernels (default ``DecodeConfig()``).
 
     Returns:
         ``[Bt, Hq, D]`` in q's dtype. The gate scores all ``n`` blocks (masked to the candidates)
-        so shapes depend on the capacity only: a CUDA-graph capturable step.
+        so shapes depend on the capacity only: a CUDA-graph capturable step. On the Triton
+        backend the step is three kernel launches (gate, attention, merge), nothing else.
     """
     if q.dim() != 3 or k.dim() != 4 or sums.dim() != 4 or sums.shape[:2] != k.shape[:2]:
         raise ValueError(
             f"q must be [Bt, Hq, D], k [Bt, Hkv, capacity, D] and sums [Bt, Hkv, n, D], got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(sums.shape)}"
         )
+    if decode_backend(backend, q) == "triton":
+        from moba_dist.kernels.triton_decode import DEFAULT_CONFIG, moba_decode_triton
+
+        cfg = DEFAULT_CONFIG if config is None else config
+        return moba_decode_triton(q, k, v, sums, starts, t, block, topk, scale, cfg)
     t = t.to(torch.int64)
     sel = decode_select(q[:, :, None], sums, t[:, None], block, topk, sums.shape[2])
-    if decode_backend(backend, q) == "triton":
-        from moba_dist.kernels.triton_decode import decode_attend_triton
-
-        return decode_attend_triton(q, k, v, sel[:, 0], starts, t, block, scale, sums.shape[2])
     return decode_attend(q[:, :, None], k, v, sel, t[:, None], starts, block, scale)[:, 0]
 
 

@@ -5,8 +5,9 @@
 
 Every layer allocates ``keys, values [Bt, Hkv, max_cache_len, D]`` and the block-sum table on
 its first update and never reallocates: appending writes slots in place, a full cache raises.
-The decode step reads the selected blocks in place (one Triton kernel per layer on CUDA), so a
-token's cost does not grow with the cache beyond the gate's one centroid dot per block.
+The decode step reads the selected blocks in place (on CUDA three Triton launches per layer:
+gate, attention, merge), so a token's cost grows with the cache only through the gate's one
+centroid dot per block and the blocks the selection really reads.
 
 For a CUDA-graph captured step, :func:`static_decode_inputs` hands out the full-capacity buffers
 (fixed addresses and shapes) that :func:`moba_dist.integrations.hf_decode.moba_decode_step`

@@ -26,8 +26,8 @@ MoBA settings come from the constructor, else from attributes of ``config`` (Meg
 ``TransformerConfig`` is a plain dataclass; set them with ``setattr`` after building it):
 ``moba_chunk_size`` and ``moba_topk`` (required), ``moba_strategy`` (``"auto"``),
 ``moba_backend`` (``"auto"``), ``moba_layout`` (``"zigzag"``), ``moba_keep_fetched``
-(``False``). ``softmax_scale`` comes from the argument, else ``config.softmax_scale``, else
-``d ** -0.5``.
+(``False``), ``moba_gate_precision`` (``"float32"``), ``moba_max_fetch_bytes`` (``None``).
+``softmax_scale`` comes from the argument, else ``config.softmax_scale``, else ``d ** -0.5``.
 
 Nothing here imports megatron: the enum is matched by member name, so the module also works
 with stand-ins of the same shapes.
@@ -42,6 +42,8 @@ from torch import nn
 
 from moba_dist.ops import moba_attn_varlen
 from moba_dist.parallel import comm
+from moba_dist.parallel.config import CPConfig
+from moba_dist.parallel.context import CPContext
 from moba_dist.parallel.cp import MoBAContextParallel
 from moba_dist.parallel.layouts import local_positions
 
@@ -59,6 +61,7 @@ _MOBA_DEFAULTS: dict[str, Any] = {
     "moba_backend": "auto",
     "moba_layout": "zigzag",
     "moba_keep_fetched": False,
+    "moba_gate_precision": "float32",
 }
 
 
@@ -91,6 +94,12 @@ def _moba_setting(name: str, given: Any, config: Any) -> Any:
             f"(config.{name} = ...), got neither"
         )
     return default
+
+
+def _optional_setting(name: str, given: Any, config: Any) -> Any:
+    """Constructor argument, else ``config.<name>``, else None (a setting whose default is
+    None, resolved later)."""
+    return given if given is not None else getattr(config, name, None)
 
 
 def _check_config(config: Any, attention_type: str) -> None:
@@ -151,8 +160,9 @@ class MoBACoreAttention(nn.Module):
         pg_collection: Megatron ``ProcessGroupCollection``; its ``cp`` group is used.
         cp_group: explicit CP process group (overrides ``pg_collection``). With neither, there
             is no CP (``config.context_parallel_size`` must then be 1).
-        moba_chunk_size, moba_topk, strategy, backend, layout, keep_fetched: MoBA settings (see
-            ``moba_dist.MoBAContextParallel``); ``None`` reads ``config.moba_*``.
+        moba_chunk_size, moba_topk, strategy, backend, layout, keep_fetched, gate_precision,
+        max_fetch_bytes: MoBA settings (see ``moba_dist.MoBAContextParallel``); ``None`` reads
+            ``config.moba_*``.
 
     After a CP forward (CP size > 1), ``last_stats`` holds the communication statistics of
     ``moba_dist.MoBAContextParallel``.
@@ -176,6 +186,8 @@ class MoBACoreAttention(nn.Module):
         backend: str | None = None,
         layout: str | None = None,
         keep_fetched: bool | None = None,
+        gate_precision: str | None = None,
+        max_fetch_bytes: int | None = None,
     ) -> None:
         super().__init__()
         _check_config(config, attention_type)
@@ -190,16 +202,21 @@ class MoBACoreAttention(nn.Module):
             softmax_scale = getattr(config, "softmax_scale", None)
         self.cp_group = _resolve_cp_group(config, cp_group, pg_collection)
         self.cp_size = 1 if self.cp_group is None else comm.group_size(self.cp_group)
-        # MoBAContextParallel validates every setting with messages naming it.
-        self.attn = MoBAContextParallel(
+        # CPConfig validates every setting once, with messages naming it.
+        cp_config = CPConfig(
             moba_chunk_size=_moba_setting("moba_chunk_size", moba_chunk_size, config),
             moba_topk=_moba_setting("moba_topk", moba_topk, config),
-            process_group=self.cp_group, layout=_moba_setting("moba_layout", layout, config),
             softmax_scale=softmax_scale,
-            strategy=_moba_setting("moba_strategy", strategy, config),
             backend=_moba_setting("moba_backend", backend, config),
+            layout=_moba_setting("moba_layout", layout, config),
+            strategy=_moba_setting("moba_strategy", strategy, config),
             keep_fetched=bool(_moba_setting("moba_keep_fetched", keep_fetched, config)),
+            gate_precision=_moba_setting("moba_gate_precision", gate_precision, config),
+            max_fetch_bytes=_optional_setting("moba_max_fetch_bytes", max_fetch_bytes, config),
         )  # fmt: skip
+        self.attn = MoBAContextParallel.from_config(cp_config, process_group=self.cp_group)
+        self._context_key: tuple | None = None
+        self._context: CPContext | None = None
 
     @property
     def last_stats(self) -> dict[str, Any]:
@@ -262,8 +279,22 @@ class MoBACoreAttention(nn.Module):
         seqlen = s * self.cp_size
         cu = torch.arange(0, (b + 1) * seqlen, seqlen, dtype=torch.int32, device=query.device)
         q, k, v = (x.transpose(0, 1).reshape(b * s, *x.shape[2:]) for x in (query, key, value))
-        out = self._attend(q, k, v, cu, seqlen)
+        batch = self._sbhd_context(cu, s, b) if self.cp_size > 1 else cu
+        out = self._attend(q, k, v, batch, seqlen)
         return out.reshape(b, s, -1).transpose(0, 1).contiguous()
+
+    def _sbhd_context(self, cu: torch.Tensor, s: int, b: int) -> CPContext:
+        """The offsets of ``[s, b]`` input depend on (s, b) only, and so does everything in their
+        CPContext: built once per shape, not per call (every CP rank sees the same shapes, so
+        every rank builds it, a collective, at the same call)."""
+        key = (s, b, cu.device)
+        if self._context_key != key:
+            self._context = CPContext.build(
+                cu, moba_chunk_size=self.attn.config.moba_chunk_size,
+                process_group=self.cp_group, layout=self.attn.config.layout,
+            )  # fmt: skip
+            self._context_key = key
+        return self._context
 
     def _check_sbhd(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         for name, x in (("key", key), ("value", value)):
@@ -275,12 +306,12 @@ class MoBACoreAttention(nn.Module):
         s, b = query.shape[:2]
         if self.cp_size == 1:
             return
-        if self.attn.layout == "zigzag" and s % 2 != 0:
+        if self.attn.config.layout == "zigzag" and s % 2 != 0:
             raise ValueError(
                 f"the zigzag layout gives each rank two equal chunks of every sequence, so the "
                 f"local sequence length s must be even, got s = {s}"
             )
-        if self.attn.layout == "contiguous" and b > 1:
+        if self.attn.config.layout == "contiguous" and b > 1:
             # Packed-contiguous gives rank r a slice of the whole [b * S] stream, not a slice
             # of every sequence, so it cannot describe b > 1 columns of [s, b].
             raise ValueError(
@@ -312,7 +343,7 @@ class MoBACoreAttention(nn.Module):
     ) -> torch.Tensor:
         """``[t, 1, 1]`` mask: 1 where this rank's token is a real (not padding) token."""
         rank = 0 if self.cp_group is None else comm.group_rank_and_size(self.cp_group)[0]
-        layout = self.attn.layout if self.cp_size > 1 else "contiguous"
+        layout = self.attn.config.layout if self.cp_size > 1 else "contiguous"
         pos = local_positions(cu.cpu(), rank=rank, world_size=self.cp_size, layout=layout)
         seq = torch.searchsorted(cu.cpu().long(), pos, right=True) - 1
         lens = (real[1:] - real[:-1]).cpu().long()
@@ -320,15 +351,17 @@ class MoBACoreAttention(nn.Module):
         return keep.to(device=out.device, dtype=out.dtype)[:, None, None]
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int
-    ) -> torch.Tensor:
-        """Packed local ``[T_local, H, d]`` with global offsets ``cu`` -> ``[T_local, Hq, d]``."""
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        cu: torch.Tensor | CPContext, max_len: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """Packed local ``[T_local, H, d]`` with global offsets ``cu`` (or their context) ->
+        ``[T_local, Hq, d]``."""
         if self.cp_size > 1:
             return self.attn(q, k, v, cu)
         c = self.attn.config
         return moba_attn_varlen(
             q, k, v, cu, max_len, moba_chunk_size=c.moba_chunk_size, moba_topk=c.moba_topk,
-            softmax_scale=c.softmax_scale, backend=c.backend,
+            softmax_scale=c.softmax_scale, backend=c.backend, gate_precision=c.gate_precision,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

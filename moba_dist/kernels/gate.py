@@ -3,6 +3,12 @@
 The routing is a table ``sel [Tq, Hq, K]`` of global block ids (int32): slot 0 holds the query's
 own block, slots 1.. the chosen strictly-past blocks in descending score order, ``-1`` where the
 query has fewer than K - 1 candidates. Exact ties go to the lower block id.
+
+Centroids come from :func:`block_sums`, the one dispatch of per-block key sums (on CUDA one
+Triton kernel: one read of k, float32 sums in a fixed order; ``segment_sums`` elsewhere). The
+single-device op calls it through :func:`block_centroids`; it takes a context-parallel rank's
+own rows of each block as they are (partial sums to all-reduce). The routing computed in the
+forward is saved for the backward, which never recomputes centroids.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ from collections.abc import Iterator
 
 import torch
 
+from moba_dist.config import HEAD_DIMS, check_gate_precision
 from moba_dist.kernels.blocks import BlockLayout, segment_sums
 
-__all__ = ["block_centroids", "gate_dtype", "select_blocks"]
+__all__ = ["block_centroids", "block_sums", "gate_dtype", "select_blocks"]
 
 # Score-chunk budget in elements: a chunk of queries scores against at most this many
 # (query, head, block) entries at once (64 MiB in float32), so gate memory stays O(T * H * K).
@@ -39,34 +46,56 @@ def _exact_fp32() -> Iterator[None]:
 
 def block_centroids(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean key of every block: ``k [T, Hkv, D]`` -> ``[N, Hkv, D]`` in :func:`gate_dtype`."""
-    sums = _triton_block_sums(k, layout)
-    if sums is None:
-        sums = segment_sums(
-            k, layout.token_block, layout.num_blocks, layout.block_size, gate_dtype(k.dtype)
-        )
+    sums = block_sums(
+        k, layout.token_block, layout.num_blocks, layout.block_size, layout.block_starts
+    )
     counts = (layout.block_starts[1:] - layout.block_starts[:-1]).to(sums.dtype)
     return sums / counts.clamp_min(1).view(-1, 1, 1)
 
 
-def _triton_block_sums(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor | None:
-    """CUDA fast path of the block sums (one Triton kernel, one read of k, no host sync; float32
-    accumulation in a fixed row order): 16/32-bit floats on CUDA only, so CPU and float64
-    results are those of ``segment_sums``. None when it cannot run."""
+def block_sums(
+    k: torch.Tensor,
+    token_block: torch.Tensor,
+    num_blocks: int,
+    block_size: int,
+    block_starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Key sums per block, ``k [T, Hkv, D]`` -> ``[num_blocks, Hkv, D]`` in :func:`gate_dtype`.
+
+    ``token_block [T]`` is the (global) block id of every row, non-decreasing, each block's rows
+    contiguous and at most ``block_size`` of them; blocks without rows sum to zero. This is what
+    a context-parallel rank holds (its rows of each block: partial sums to all-reduce).
+    ``block_starts [num_blocks + 1]``, the first row of every block, may be passed when known
+    (single device); it is found on the device otherwise. On CUDA (16/32-bit floats) it is one
+    Triton kernel (one read of k, float32, fixed row order, no host sync); elsewhere, and for
+    float64, ``blocks.segment_sums``, with the same result up to float32 summation order.
+    """
+    kernel = _block_sums_kernel(k)
+    if kernel is None:
+        return segment_sums(k, token_block, num_blocks, block_size, gate_dtype(k.dtype))
+    if block_starts is None:
+        ids = torch.arange(num_blocks + 1, device=k.device, dtype=token_block.dtype)
+        block_starts = torch.searchsorted(token_block, ids)
+    return kernel(k, block_starts)
+
+
+def _block_sums_kernel(k: torch.Tensor):
+    """``triton_gate.block_sums_triton`` when it runs for ``k``: CUDA, fp16/bf16/fp32, triton
+    installed (CPU and float64 use ``segment_sums``)."""
     if k.device.type != "cuda" or k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
     try:
         from moba_dist.kernels.triton_gate import block_sums_triton
     except ImportError:
         return None
-    return block_sums_triton(k, layout.block_starts)
+    return block_sums_triton
 
 
 def _triton_gate(q: torch.Tensor, centroids: torch.Tensor):
     """The fused Triton gate (``triton_gate.select_blocks_triton``: tensor-core scores of
     float32 quality, running top-k on chip, no score stored) when it can run: CUDA, float32
-    centroids, fp16/bf16/fp32 queries, head dim a power of two >= 16, triton installed."""
-    d = q.shape[-1]
-    if q.device.type != "cuda" or centroids.dtype != torch.float32 or d < 16 or d & (d - 1):
+    centroids, fp16/bf16/fp32 queries, head dim in ``config.HEAD_DIMS``, triton installed."""
+    if q.device.type != "cuda" or centroids.dtype != torch.float32 or q.shape[-1] not in HEAD_DIMS:
         return None
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
@@ -94,17 +123,17 @@ def select_blocks(
         q_block: ``[Tq]`` global id of each query's own block.
         q_seq_first: ``[Tq]`` id of the first block of each query's sequence.
         topk: K >= 1, blocks per query including the own block.
-        precision: score precision of the CUDA Triton gate: "float32" (default, float32-quality
-            scores) or the opt-ins "bf16x2" / "bf16" (see docs/routing.md). The torch path
-            (CPU, float64, other head dims) always scores exactly in :func:`gate_dtype`.
+        precision: score precision of the CUDA Triton gate, one of ``config.GATE_PRECISIONS``:
+            "float32" (default, float32-quality scores) or the opt-ins "bf16x2" / "bf16" (see
+            docs/routing.md). The torch path (CPU, float64, head dims outside
+            ``config.HEAD_DIMS``) always scores exactly in :func:`gate_dtype`.
 
     Returns:
         ``sel [Tq, Hq, K]`` int32 (see module doc). Candidates of query t are the block ids in
         ``[q_seq_first[t], q_block[t])``. Works in query chunks: peak extra memory is
         ``_SCORE_BUDGET`` scores, whatever T is.
     """
-    if precision not in ("float32", "bf16x2", "bf16"):
-        raise ValueError(f"precision must be float32, bf16x2 or bf16, got {precision!r}")
+    check_gate_precision(precision, "precision")
     tq, hq, _ = q.shape
     n_blocks = centroids.shape[0]
     sel = torch.full((tq, hq, topk), -1, dtype=torch.int32, device=q.device)

@@ -97,7 +97,8 @@ def _check_table(name: str, table: dict[int, TileConfig]) -> None:
 class FwdConfig:
     """Knobs of the triton forward, passed as an argument (never patched into a module).
 
-    ``tiles``: launch shape per head dim (Hopper defaults: the FlashAttention-2 Triton shapes).
+    ``tiles``: launch shape per head dim (H200 defaults from ``benchmarks/kernel_sweep.py``,
+    results in ``benchmarks/results/nvidia-h200/kernel_sweep/``).
     ``partial_dtype``: storage of the per-entry partial outputs (lse partials and the merge stay
     float32); None means q's dtype for 16-bit inputs (halves the partial traffic for one extra
     rounding of each partial: device-checked within the bf16 error budget, NOTES_triton.md),
@@ -105,7 +106,12 @@ class FwdConfig:
     """
 
     tiles: dict[int, TileConfig] = field(
-        default_factory=lambda: {128: TileConfig(128, 128, 8, 2), 64: TileConfig(128, 64, 4, 3)}
+        default_factory=lambda: {
+            64: TileConfig(128, 64, 4, 3),
+            96: TileConfig(128, 64, 8, 3),
+            128: TileConfig(128, 64, 8, 3),
+            256: TileConfig(128, 32, 8, 2),
+        }
     )
     partial_dtype: torch.dtype | None = None
     chunk_elems: int = 1 << 28
@@ -132,15 +138,26 @@ class FwdConfig:
 
 @dataclass(frozen=True)
 class BwdConfig:
-    """Knobs of the triton backward. ``dkdv`` / ``dq``: launch shapes per head dim (Hopper
-    defaults). ``slab_elems``: gathered q + dout elements of one dK/dV slab (512 MiB in bf16).
-    ``chunk_elems``: float32 elements of one chunk's per-entry dQ partial buffer."""
+    """Knobs of the triton backward. ``dkdv`` / ``dq``: launch shapes per head dim (H200
+    defaults from the same sweep as ``FwdConfig``). ``slab_elems``: gathered q + dout elements of
+    one dK/dV slab (512 MiB in bf16). ``chunk_elems``: float32 elements of one chunk's per-entry
+    dQ partial buffer."""
 
     dkdv: dict[int, TileConfig] = field(
-        default_factory=lambda: {64: TileConfig(64, 64, 4, 2), 128: TileConfig(64, 64, 4, 2)}
+        default_factory=lambda: {
+            64: TileConfig(64, 64, 4, 3),
+            96: TileConfig(64, 64, 4, 3),
+            128: TileConfig(64, 64, 4, 2),
+            256: TileConfig(64, 32, 4, 2),
+        }
     )
     dq: dict[int, TileConfig] = field(
-        default_factory=lambda: {64: TileConfig(64, 64, 4, 2), 128: TileConfig(64, 32, 4, 3)}
+        default_factory=lambda: {
+            64: TileConfig(128, 64, 4, 3),
+            96: TileConfig(128, 64, 8, 3),
+            128: TileConfig(64, 32, 4, 3),
+            256: TileConfig(128, 32, 8, 2),
+        }
     )
     slab_elems: int = 1 << 28
     chunk_elems: int = 1 << 28

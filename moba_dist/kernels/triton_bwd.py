@@ -24,9 +24,10 @@ import triton
 import triton.language as tl
 
 from moba_dist.kernels.plan_types import DEFAULT_BWD, BwdConfig, EntryPlan, RoutedProblem
-from moba_dist.kernels.triton_moba import chunk_tiles, tile_table, token_chunks
+from moba_dist.kernels.triton_fwd import load_kv_tile, tile_dot
+from moba_dist.kernels.triton_moba import chunk_tiles, padded_dim, tile_table, token_chunks
 
-__all__ = ["bwd_all"]
+__all__ = ["bwd_all", "dkdv_tile_step", "dq_tile_step"]
 
 _LOG2E = 1.4426950408889634
 _PREP_ROWS = 32
@@ -37,14 +38,15 @@ _SUM_ROWS = 32
 @triton.jit
 def _prep_kernel(
     DO, OUT, LSE, DLSE, LSE2, DELTA, TQ, HQ, n_rows,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DLSE: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):  # fmt: skip
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     rv = r < n_rows
-    dd = tl.arange(0, D)
+    dd = tl.arange(0, DP)
     off = r[:, None] * D + dd[None, :]
-    do = tl.load(DO + off, mask=rv[:, None], other=0.0).to(tl.float32)
-    o = tl.load(OUT + off, mask=rv[:, None], other=0.0).to(tl.float32)
+    m2 = rv[:, None] & (dd < D)[None, :]
+    do = tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
+    o = tl.load(OUT + off, mask=m2, other=0.0).to(tl.float32)
     delta = tl.sum(do * o, 1)
     if HAS_DLSE:  # d lse / d s = p, so a gradient on lse enters as delta - dlse
         delta -= tl.load(DLSE + (r % HQ) * TQ + r // HQ, mask=rv, other=0.0)
@@ -57,18 +59,19 @@ def _prep_kernel(
 @triton.jit
 def _gather_kernel(
     COMP, Q, DO, LSE2, DELTA, QPOS, QS, DOS, LSE2S, DELTAS, QPOSS, b0, n_rows, NENT, KSEL, HQ,
-    D: tl.constexpr, BLOCK_R: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # Slab row i <- entry comp[b0 + i]: its q / dout rows, lse2, delta and position, in one pass
     # (replaces five torch gathers and the int64 index arithmetic feeding them).
     i = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     iv = i < n_rows
     th = tl.load(COMP + b0 + i, mask=iv, other=0) % NENT // KSEL
-    dd = tl.arange(0, D)
+    dd = tl.arange(0, DP)
     src = th[:, None] * D + dd[None, :]
     dst = i[:, None] * D + dd[None, :]
-    tl.store(QS + dst, tl.load(Q + src, mask=iv[:, None]), mask=iv[:, None])
-    tl.store(DOS + dst, tl.load(DO + src, mask=iv[:, None]), mask=iv[:, None])
+    m2 = iv[:, None] & (dd < D)[None, :]
+    tl.store(QS + dst, tl.load(Q + src, mask=m2), mask=m2)
+    tl.store(DOS + dst, tl.load(DO + src, mask=m2), mask=m2)
     tl.store(LSE2S + i, tl.load(LSE2 + th, mask=iv), mask=iv)
     tl.store(DELTAS + i, tl.load(DELTA + th, mask=iv), mask=iv)
     tl.store(QPOSS + i, tl.load(QPOS + th // HQ, mask=iv), mask=iv)
@@ -76,50 +79,67 @@ def _gather_kernel(
 
 @triton.jit
 def _dq_sum_kernel(
-    PART, SEL, DQ, t0, HQ, n_rows, KSEL, D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PART, SEL, DQ, t0, HQ, n_rows, KSEL, D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # dq[t0 * Hq + r] = sum over the valid slots s of part[r * K + s], in slot order. Every valid
     # entry was written by the dQ kernel (zeros when it saw no key), invalid slots never are.
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     rv = r < n_rows
     row = t0 * HQ + r
-    dd = tl.arange(0, D)
-    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    dd = tl.arange(0, DP)
+    dmask = (dd < D)[None, :]
+    acc = tl.zeros([BLOCK_R, DP], tl.float32)
     for s in range(KSEL):
         live = rv & (tl.load(SEL + row * KSEL + s, mask=rv, other=-1) >= 0)
-        acc += tl.load(PART + (r * KSEL + s)[:, None] * D + dd[None, :], mask=live[:, None],
-                       other=0.0)  # fmt: skip
-    tl.store(DQ + row[:, None] * D + dd[None, :], acc.to(DQ.dtype.element_ty), mask=rv[:, None])
+        acc += tl.load(PART + (r * KSEL + s)[:, None] * D + dd[None, :],
+                       mask=live[:, None] & dmask, other=0.0)  # fmt: skip
+    out = acc.to(DQ.dtype.element_ty)
+    tl.store(DQ + row[:, None] * D + dd[None, :], out, mask=rv[:, None] & dmask)
 
 
 @triton.jit
-def _load_entries(COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D: tl.constexpr):
-    """Gather the query-side rows of entries ``rows``: q, dout, lse2, delta, position."""
-    ent = tl.load(COMP + rows, mask=rv, other=0) % NENT
-    th = ent // KSEL
-    dd = tl.arange(0, D)
-    off = th[:, None] * D + dd[None, :]
-    q = tl.load(Q + off, mask=rv[:, None], other=0.0)
-    do = tl.load(DO + off, mask=rv[:, None], other=0.0)
-    lse2 = tl.load(LSE2 + th, mask=rv, other=float("inf"))
-    delta = tl.load(DELTA + th, mask=rv, other=0.0)
-    qpos = tl.load(QPOS + th // HQ, mask=rv, other=-1)
-    return ent, q, do, lse2, delta, qpos
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a.to(b.dtype), b)
+def dkdv_tile_step(
+    dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, m0, n_left, slab_off, dmask, scale_log2,
+    MASK_M: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    DP: tl.constexpr,
+):  # fmt: skip
+    """One tile of BLOCK_M slab rows from ``m0`` against the program's keys. ``MASK_M``: only
+    ``n_left`` rows remain (the group's last, ragged tile)."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    off = rows[:, None] * slab_off + tl.arange(0, DP)[None, :]
+    if MASK_M:
+        rv = tl.arange(0, BLOCK_M) < n_left
+        q = tl.load(QS + off, mask=rv[:, None] & dmask[None, :], other=0.0)
+        do = tl.load(DOS + off, mask=rv[:, None] & dmask[None, :], other=0.0)
+        lse2 = tl.load(LSE2S + rows, mask=rv, other=float("inf"))
+        delta = tl.load(DELTAS + rows, mask=rv, other=0.0)
+        qpos = tl.load(QPOSS + rows, mask=rv, other=-1)
+    else:
+        if MASK_D:
+            q = tl.load(QS + off, mask=dmask[None, :], other=0.0)
+            do = tl.load(DOS + off, mask=dmask[None, :], other=0.0)
+        else:
+            q = tl.load(QS + off)
+            do = tl.load(DOS + off)
+        lse2 = tl.load(LSE2S + rows)
+        delta = tl.load(DELTAS + rows)
+        qpos = tl.load(QPOSS + rows)
+    # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate as (keys x D) products. Key-less
+    # rows carry lse2 = +inf (p = 0); keys past the block are never stored.
+    st = tile_dot(kt, tl.trans(q), IEEE) * scale_log2
+    pt = tl.where(kpos[:, None] <= qpos[None, :], tl.exp2(st - lse2[None, :]), 0.0)
+    dv += tile_dot(pt, do, IEEE)
+    dpt = tile_dot(vt, tl.trans(do), IEEE)
+    dk += tile_dot(pt * (dpt - delta[None, :]), q, IEEE)
+    return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
     QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GOFF, GLO, GHI, NGROUP, NINDEX, DK, DV,
-    ACCK, ACCV, RD_OFF, WR_OFF, b0, scale_log2, scale, HKV,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    ACCUM: tl.constexpr,
+    ACCK, ACCV, RD_OFF, WR_OFF, b0, scale_log2, scale, HKV, K_ROW, K_HEAD,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     grp = tl.load(NGROUP + pid)
@@ -132,31 +152,31 @@ def _dkdv_kernel(
     cols = tl.load(BROWS + blk) + inblk
     cvalid = cols < r1
     kpos = tl.load(KPOS + cols, mask=cvalid, other=0)
-    dd = tl.arange(0, D)
-    koff = (cols[:, None] * HKV + kvh) * D + dd[None, :]
-    kt = tl.load(K + koff, mask=cvalid[:, None], other=0.0)
-    vt = tl.load(V + koff, mask=cvalid[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    # The slab holds this group's entries [GLO, GHI) gathered contiguously (slab-local rows):
-    # direct addresses in the inner loop let the compiler pipeline its loads.
-    s1 = tl.load(GHI + grp) - b0
-    for m0 in range(tl.load(GLO + grp) - b0, s1, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rv = rows < s1
-        q = tl.load(QS + rows[:, None] * D + dd[None, :], mask=rv[:, None], other=0.0)
-        do = tl.load(DOS + rows[:, None] * D + dd[None, :], mask=rv[:, None], other=0.0)
-        lse2 = tl.load(LSE2S + rows, mask=rv, other=float("inf"))
-        delta = tl.load(DELTAS + rows, mask=rv, other=0.0)
-        qpos = tl.load(QPOSS + rows, mask=rv, other=-1)
-        # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate as (keys x D) products.
-        st = _dot(kt, tl.trans(q), IEEE) * scale_log2
-        ok = cvalid[:, None] & rv[None, :] & (kpos[:, None] <= qpos[None, :])
-        pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
-        dv += _dot(pt, do, IEEE)
-        dpt = _dot(vt, tl.trans(do), IEEE)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst, q, IEEE)
+    dd = tl.arange(0, DP)
+    dmask = dd < D
+    kmask = cvalid[:, None] & dmask[None, :]
+    kin = cols[:, None] * K_ROW + kvh.to(tl.int64) * K_HEAD + dd[None, :]
+    kt = tl.load(K + kin, mask=kmask, other=0.0)
+    vt = tl.load(V + kin, mask=kmask, other=0.0)
+    koff = (cols[:, None] * HKV + kvh) * D + dd[None, :]  # dk / dv: token-major, contiguous
+    dk = tl.zeros([BLOCK_N, DP], tl.float32)
+    dv = tl.zeros([BLOCK_N, DP], tl.float32)
+    # The slab holds this group's entries [GLO, GHI) gathered contiguously; slab-local rows fit
+    # 32 bits, so the loop's addresses are 32-bit offsets the compiler can pipeline.
+    s0 = (tl.load(GLO + grp) - b0).to(tl.int32)
+    s1 = (tl.load(GHI + grp) - b0).to(tl.int32)
+    n_full = (s1 - s0) // BLOCK_M
+    for i in range(n_full):
+        dk, dv = dkdv_tile_step(
+            dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, s0 + i * BLOCK_M, 0, D, dmask,
+            scale_log2, False, DP != D, IEEE, BLOCK_M, DP,
+        )  # fmt: skip
+    m0 = s0 + n_full * BLOCK_M
+    if m0 < s1:
+        dk, dv = dkdv_tile_step(
+            dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, m0, s1 - m0, D, dmask,
+            scale_log2, True, DP != D, IEEE, BLOCK_M, DP,
+        )  # fmt: skip
     dk = dk * scale
     if ACCUM:
         # A group split over slabs (at most one per slab boundary) carries its partial dK/dV in
@@ -166,52 +186,86 @@ def _dkdv_kernel(
         # stores to DK, rounding once.
         coff = inblk[:, None] * D + dd[None, :]
         if tl.load(GLO + grp) != tl.load(GOFF + grp):  # started in an earlier slab
-            dk += tl.load(ACCK + RD_OFF + coff, mask=cvalid[:, None], other=0.0)
-            dv += tl.load(ACCV + RD_OFF + coff, mask=cvalid[:, None], other=0.0)
+            dk += tl.load(ACCK + RD_OFF + coff, mask=kmask, other=0.0)
+            dv += tl.load(ACCV + RD_OFF + coff, mask=kmask, other=0.0)
         # Ends in this slab? (else it continues in a later one); as a [BLOCK_N] vector mask.
         ends = (tl.load(GHI + grp) == tl.load(GOFF + grp + 1)).to(tl.int32) + 0 * cols
         carry = cvalid & (ends == 0)
-        tl.store(ACCK + WR_OFF + coff, dk, mask=carry[:, None])
-        tl.store(ACCV + WR_OFF + coff, dv, mask=carry[:, None])
-        cvalid = cvalid & (ends != 0)
-    tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=cvalid[:, None])
-    tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=cvalid[:, None])
+        tl.store(ACCK + WR_OFF + coff, dk, mask=carry[:, None] & dmask[None, :])
+        tl.store(ACCV + WR_OFF + coff, dv, mask=carry[:, None] & dmask[None, :])
+        kmask = kmask & (ends != 0)[:, None]
+    tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def dq_tile_step(
+    dq, q, do, lse2, delta, qpos, kp, vp, kpos_p, n_left, dmask, scale_log2,
+    CAUSAL: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key tile of dQ; ``CAUSAL`` as in the forward's ``fwd_tile_step``."""
+    kt, vt, cvalid = load_kv_tile(kp, vp, n_left, dmask, CAUSAL, MASK_D, BLOCK_N)
+    s = tile_dot(q, tl.trans(kt), IEEE) * scale_log2
+    p = tl.exp2(s - lse2[:, None])
+    if CAUSAL:
+        kpos = tl.load(kpos_p, mask=cvalid, other=0)
+        p = tl.where(cvalid[None, :] & (kpos[None, :] <= qpos[:, None]), p, 0.0)
+    dp = tile_dot(do, tl.trans(vt), IEEE)
+    return dq + tile_dot(p * (dp - delta[:, None]), kt, IEEE)
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, COMP, TGROUP, TSTART, TSTOP, TKEND, DQPART,
-    e0, scale_log2, scale, HQ, HKV, KSEL, NENT,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, COMP, TGROUP, TSTART, TSTOP, TKEND, TKFREE,
+    DQPART, e0, scale_log2, scale, HQ, HKV, KSEL, NENT, K_ROW, K_HEAD,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     grp = tl.load(TGROUP + pid)
     if grp < 0:
         return
-    stop = tl.load(TSTOP + pid)
-    kend = tl.load(TKEND + pid)
     rows = tl.load(TSTART + pid) + tl.arange(0, BLOCK_M)
-    rv = rows < stop
-    ent, q, do, lse2, delta, qpos = _load_entries(
-        COMP, rows, rv, NENT, KSEL, HQ, QPOS, Q, DO, LSE2, DELTA, D
-    )
+    rv = rows < tl.load(TSTOP + pid)
+    ent = tl.load(COMP + rows, mask=rv, other=0) % NENT
+    th = ent // KSEL
+    dd = tl.arange(0, DP)
+    dmask = dd < D
+    qoff = th[:, None] * D + dd[None, :]
+    q = tl.load(Q + qoff, mask=rv[:, None] & dmask[None, :], other=0.0)
+    do = tl.load(DO + qoff, mask=rv[:, None] & dmask[None, :], other=0.0)
+    lse2 = tl.load(LSE2 + th, mask=rv, other=float("inf"))
+    delta = tl.load(DELTA + th, mask=rv, other=0.0)
+    qpos = tl.load(QPOS + th // HQ, mask=rv, other=-1)
     kvh = grp % HKV
-    dd = tl.arange(0, D)
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for n0 in range(tl.load(BROWS + grp // HKV), kend, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cvalid = cols < kend
-        kpos = tl.load(KPOS + cols, mask=cvalid, other=0)
-        koff = (cols[:, None] * HKV + kvh) * D + dd[None, :]
-        kt = tl.load(K + koff, mask=cvalid[:, None], other=0.0)
-        vt = tl.load(V + koff, mask=cvalid[:, None], other=0.0)
-        s = _dot(q, tl.trans(kt), IEEE) * scale_log2
-        ok = cvalid[None, :] & rv[:, None] & (kpos[None, :] <= qpos[:, None])
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(vt), IEEE)
-        dq += _dot(p * (dp - delta[:, None]), kt, IEEE)
+    r0 = tl.load(BROWS + grp // HKV)
+    kend = tl.load(TKEND + pid)
+    # As in the forward: 32-bit induction variables, addresses derived from them.
+    n_full = ((tl.load(TKFREE + pid) - r0) // BLOCK_N).to(tl.int32)
+    n_all = ((kend - r0 + BLOCK_N - 1) // BLOCK_N).to(tl.int32)
+    tile_off = tl.arange(0, BLOCK_N)[:, None] * K_ROW + dd[None, :]
+    krow = r0 * 0 + K_ROW  # int64: row offsets of long blocks pass 2^31
+    kbase = K + r0 * K_ROW + kvh.to(tl.int64) * K_HEAD
+    vbase = V + r0 * K_ROW + kvh.to(tl.int64) * K_HEAD
+    dq = tl.zeros([BLOCK_M, DP], tl.float32)
+    for i in range(n_full):
+        step = i * BLOCK_N * krow
+        dq = dq_tile_step(
+            dq, q, do, lse2, delta, qpos, kbase + step + tile_off, vbase + step + tile_off, KPOS,
+            0, dmask, scale_log2, False, DP != D, IEEE, BLOCK_N,
+        )  # fmt: skip
+    for i in range(n_full, n_all):
+        step = i * BLOCK_N * krow
+        n0 = r0 + i * BLOCK_N
+        dq = dq_tile_step(
+            dq, q, do, lse2, delta, qpos, kbase + step + tile_off, vbase + step + tile_off,
+            KPOS + n0 + tl.arange(0, BLOCK_N), kend - n0, dmask, scale_log2, True, DP != D, IEEE,
+            BLOCK_N,
+        )  # fmt: skip
     local = ent - e0
-    tl.store(DQPART + local[:, None] * D + dd[None, :], dq * scale, mask=rv[:, None])
+    tl.store(
+        DQPART + local[:, None] * D + dd[None, :], dq * scale, mask=rv[:, None] & dmask[None, :]
+    )
 
 
 def _max_block_rows(prob: RoutedProblem) -> int:
@@ -251,7 +305,7 @@ def _dkdv(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg,
         b1 = min(n_ent, b0 + slab)
         _gather_kernel[(triton.cdiv(b1 - b0, _GATHER_ROWS),)](
             plan.comp, q, dout, lse2, delta, prob.q_pos, qs, dos, lse2s, deltas, qposs, b0,
-            b1 - b0, n_ent, plan.topk, plan.hq, D=d, BLOCK_R=_GATHER_ROWS,
+            b1 - b0, n_ent, plan.topk, plan.hq, D=d, DP=padded_dim(d), BLOCK_R=_GATHER_ROWS,
         )  # fmt: skip
         glo = plan.group_off[:-1].clamp(b0, b1)
         ghi = plan.group_off[1:].clamp(b0, b1)
@@ -260,9 +314,10 @@ def _dkdv(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg,
         _dkdv_kernel[(bound,)](
             qs, k, v, dos, lse2s, deltas, qposs, keys.k_pos, keys.block_rows, plan.group_off,
             glo, ghi, group.to(torch.int32), index, dk, dv, acc_k, acc_v, (i % 2) * half,
-            ((i + 1) % 2) * half, b0, scale * _LOG2E, scale, hkv, D=d,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, IEEE=q.dtype == torch.float32,
-            ACCUM=multi, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            ((i + 1) % 2) * half, b0, scale * _LOG2E, scale, hkv, k.stride(0), k.stride(1),
+            D=d, DP=padded_dim(d), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            IEEE=q.dtype == torch.float32, ACCUM=multi, num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
         )  # fmt: skip
 
 
@@ -278,15 +333,17 @@ def _dq(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg, d
         part = torch.empty(e1 - e0, d, dtype=torch.float32, device=q.device)
         _dq_kernel[(tiles.group.numel(),)](
             q, k, v, dout, lse2, delta, prob.q_pos, keys.k_pos, keys.block_rows, plan.comp,
-            tiles.group, tiles.start, tiles.stop, tiles.kend, part, e0, scale * _LOG2E, scale,
-            hq, plan.hkv, topk, plan.num_entries, D=d, BLOCK_M=tile.block_m,
+            tiles.group, tiles.start, tiles.stop, tiles.kend, tiles.kfree, part, e0,
+            scale * _LOG2E, scale, hq, plan.hkv, topk, plan.num_entries, k.stride(0), k.stride(1),
+            D=d, DP=padded_dim(d),
+            BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n, IEEE=q.dtype == torch.float32, num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )  # fmt: skip
         # Sum over the valid slots in slot order (deterministic), cast to dq's dtype on store.
         n_rows = (t1 - t0) * hq
         _dq_sum_kernel[(triton.cdiv(n_rows, _SUM_ROWS),)](
-            part, prob.sel, dq, t0, hq, n_rows, topk, D=d, BLOCK_R=_SUM_ROWS
+            part, prob.sel, dq, t0, hq, n_rows, topk, D=d, DP=padded_dim(d), BLOCK_R=_SUM_ROWS
         )
 
 
@@ -317,7 +374,7 @@ def bwd_all(
     dlse_f = None if dlse is None else dlse.float().contiguous()
     _prep_kernel[(math.ceil(tq * hq / _PREP_ROWS),)](
         dout, out, lse.float().contiguous(), lse2 if dlse_f is None else dlse_f, lse2, delta,
-        tq, hq, tq * hq, D=d, BLOCK_R=_PREP_ROWS, HAS_DLSE=dlse_f is not None,
+        tq, hq, tq * hq, D=d, DP=padded_dim(d), BLOCK_R=_PREP_ROWS, HAS_DLSE=dlse_f is not None,
     )  # fmt: skip
     _dkdv(q, k, v, dout, lse2, delta, prob, plan, config, dk, dv)
     _dq(q, k, v, dout, lse2, delta, prob, plan, config, dq)

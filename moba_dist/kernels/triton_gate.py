@@ -16,6 +16,10 @@ above ~2^-24 are accumulated in float32, smallest first. The error of a score is
 ~2^-24 * |q| * |c|, float32 level (docs/routing.md). ``precision="bf16x2"`` / ``"bf16"`` drop
 pieces (faster, measured agreement in docs/routing.md) and are opt-in only.
 
+Head dims: D in ``config.HEAD_DIMS`` (64, 96, 128, 256). ``tl.dot`` needs a power-of-two
+reduction length, so the dot dimension is padded to ``DP = next_power_of_2(D)`` (96 -> 128) with
+masked loads that read zeros past D; the padding adds nothing to any score.
+
 Tie rule inside the running set: a new block (higher id than every kept one, tiles stream in
 ascending id order) replaces the weakest kept one only when its score is strictly greater, and
 the weakest is the lowest score, among equals the highest id; so among equal scores lower ids
@@ -28,16 +32,32 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PRECISIONS", "block_sums_triton", "centroid_pieces", "select_blocks_triton"]
+from moba_dist.config import GATE_PRECISIONS, check_head_dim
+
+__all__ = [
+    "PRECISIONS",
+    "block_sums_triton",
+    "centroid_pieces",
+    "launch_config",
+    "select_blocks_triton",
+]
 
 #: Score precisions of the fused gate: centroid pieces per name (float32 quality needs 3).
-PRECISIONS = {"float32": 3, "bf16x2": 2, "bf16": 1}
-# Tile shape and launch shape of the gate kernel (tl.dot needs both tile sides >= 16); tests
-# shrink the tiles to exercise tiles that straddle blocks and sequences.
-# Measured best of 8 shapes on the H200 (benchmarks/results/nvidia-h200/gate/).
-_CONFIG = dict(BLOCK_T=128, BLOCK_C=32, num_warps=4, num_stages=3)
-# Key rows per step of the block-sum kernel.
-_SUM_ROWS = 64
+PRECISIONS = dict(zip(GATE_PRECISIONS, (3, 2, 1), strict=True))
+# Tile shape and launch shape of the gate kernel per head dim (tl.dot needs both tile sides
+# >= 16); tests shrink the tiles to exercise tiles that straddle blocks and sequences. D <= 128:
+# measured best of 8 shapes at D = 128 on the H200 (benchmarks/results/nvidia-h200/gate/);
+# D = 256 takes 8 warps, the one shape tried whose query tile stays in registers without a
+# stack (ptxas for sm_90: 232 registers, no stack; 4 warps spill 1-3 KB).
+_BASE_CONFIG = dict(BLOCK_T=128, BLOCK_C=32, num_warps=4, num_stages=3)
+_CONFIGS = {64: _BASE_CONFIG, 96: _BASE_CONFIG, 128: _BASE_CONFIG,
+            256: dict(BLOCK_T=128, BLOCK_C=32, num_warps=8, num_stages=2)}  # fmt: skip
+# Bytes of query pieces a program may hold (the compiler keeps them in shared memory across the
+# loop): float32 queries at D = 256 (3 pieces) halve the query tile to stay under the H200's
+# 227 KB of shared memory per program.
+_Q_PIECE_BYTES = 128 * 1024
+# Elements of k per step of a block-sum program (rows = this / padded D).
+_SUM_ELEMS = 8192
 _BIG = tl.constexpr(2147483647)
 
 
@@ -70,9 +90,10 @@ def block_sums_triton(k: torch.Tensor, block_starts: torch.Tensor) -> torch.Tens
     out = torch.empty((n, hkv, d), dtype=torch.float32, device=k.device)
     if n == 0 or hkv == 0 or d == 0:
         return out.zero_()
+    dp = triton.next_power_of_2(d)
     _block_sum_kernel[(n, hkv)](
         k.contiguous(), block_starts.to(torch.int64).contiguous(), out, hkv, d,
-        BLOCK_R=_SUM_ROWS, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_R=max(16, _SUM_ELEMS // dp), BLOCK_D=dp,
     )  # fmt: skip
     return out
 
@@ -92,16 +113,20 @@ def _split(x, QP: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, PSTRIDE, cv, CPN: tl.constexpr):
-    """The ``[BLOCK_C, D]`` tiles of the centroid pieces at ``ptr`` (piece p at
-    ``+ (p - 1) * PSTRIDE``; unused ones = piece 1), rows past the candidate range zero."""
-    c1 = tl.load(ptr, mask=cv[:, None], other=0.0)
+def _load_tile(ptr, PSTRIDE, cv, dd, D: tl.constexpr, DP: tl.constexpr, CPN: tl.constexpr):
+    """The ``[BLOCK_C, DP]`` tiles of the centroid pieces at ``ptr`` (piece p at
+    ``+ (p - 1) * PSTRIDE``; unused ones = piece 1), zero in rows past the candidate range and
+    in the padding columns ``dd >= D``."""
+    m = cv[:, None]
+    if D < DP:  # constexpr: power-of-two D loads without a column mask
+        m = m & (dd < D)[None, :]
+    c1 = tl.load(ptr, mask=m, other=0.0)
     c2 = c1
     c3 = c1
     if CPN >= 2:
-        c2 = tl.load(ptr + PSTRIDE, mask=cv[:, None], other=0.0)
+        c2 = tl.load(ptr + PSTRIDE, mask=m, other=0.0)
         if CPN >= 3:
-            c3 = tl.load(ptr + 2 * PSTRIDE, mask=cv[:, None], other=0.0)
+            c3 = tl.load(ptr + 2 * PSTRIDE, mask=m, other=0.0)
     return c1, c2, c3
 
 
@@ -148,8 +173,8 @@ def _merge(s, cid, top_v, top_i, KSEL):
 @triton.jit
 def _gate_kernel(
     Q, CP, QBLOCK, QFIRST, SEL, TQ, HQ, HKV, N, PSTRIDE, KSEL, NUM_TILES,
-    D: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    QP: tl.constexpr, CPN: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr, QP: tl.constexpr, CPN: tl.constexpr,
 ):  # fmt: skip
     # Latest query tiles (most candidates) first, so the causal imbalance does not make a tail;
     # consecutive programs share a head and so stream the same centroids (L2 reuse).
@@ -158,8 +183,11 @@ def _gate_kernel(
     t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     tv = t < TQ
     g = h // (HQ // HKV)
-    dd = tl.arange(0, D)
-    q = tl.load(Q + (t[:, None] * HQ + h) * D + dd[None, :], mask=tv[:, None], other=0.0)
+    dd = tl.arange(0, DP)
+    qm = tv[:, None]
+    if D < DP:
+        qm = qm & (dd < D)[None, :]
+    q = tl.load(Q + (t[:, None] * HQ + h) * D + dd[None, :], mask=qm, other=0.0)
     q1, q2, q3 = _split(q.to(tl.float32), QP, CP.dtype.element_ty)
     own = tl.load(QBLOCK + t, mask=tv, other=0).to(tl.int32)
     first = tl.load(QFIRST + t, mask=tv, other=0).to(tl.int32)
@@ -178,7 +206,7 @@ def _gate_kernel(
     ptr = CP + g.to(tl.int64) * N * D + cid[:, None].to(tl.int64) * D + dd[None, :]
     # The next tile's loads are issued at the end of each step (a hand prefetch before the
     # dots measured slower on the H200: benchmarks/results/nvidia-h200/gate/).
-    n1, n2, n3 = _load_tile(ptr, PSTRIDE, cid < hi, CPN)
+    n1, n2, n3 = _load_tile(ptr, PSTRIDE, cid < hi, dd, D, DP, CPN)
     for c0 in range(lo, hi, BLOCK_C):
         c1, c2, c3 = n1, n2, n3
         cid = c0 + tl.arange(0, BLOCK_C)
@@ -189,7 +217,7 @@ def _gate_kernel(
             s = tl.where(ok, s, float("-inf"))
         top_v, top_i = _merge(s, cid, top_v, top_i, KSEL)
         ptr += BLOCK_C * D
-        n1, n2, n3 = _load_tile(ptr, PSTRIDE, cid + BLOCK_C < hi, CPN)
+        n1, n2, n3 = _load_tile(ptr, PSTRIDE, cid + BLOCK_C < hi, dd, D, DP, CPN)
     _emit(SEL + (t * HQ + h) * KSEL, tv, own, top_v, top_i, KSEL, KP)
 
 
@@ -233,7 +261,7 @@ def select_blocks_triton(
     precision: str = "float32",
 ) -> torch.Tensor:
     """Drop-in for ``gate.select_blocks`` (float32 centroids; CUDA, or CPU under the Triton
-    interpreter): ``q [Tq, Hq, D]`` fp16/bf16/fp32 with D a power of two >= 16,
+    interpreter): ``q [Tq, Hq, D]`` fp16/bf16/fp32 with D in ``config.HEAD_DIMS``,
     ``centroids [N, Hkv, D]``, ``q_block, q_seq_first [Tq]`` -> ``sel [Tq, Hq, K]`` int32.
 
     ``precision``: "float32" (default; float32-quality scores, docs/routing.md) or the opt-ins
@@ -247,10 +275,11 @@ def select_blocks_triton(
         raise TypeError(f"select_blocks_triton takes fp16/bf16/fp32 q, got {q.dtype}")
     tq, hq, d = q.shape
     n, hkv, _ = centroids.shape
-    if d < 16 or d & (d - 1) or hq % hkv:
+    check_head_dim(d, "the fused gate's head dim D of q [Tq, Hq, D]")
+    if centroids.shape[2] != d or hq % hkv:
         raise ValueError(
-            f"q [Tq, Hq, D] needs D a power of two >= 16 and Hq % Hkv == 0, got D={d}, "
-            f"Hq={hq}, Hkv={hkv}"
+            f"centroids [N, Hkv, D] must match q [Tq, Hq, D] in D with Hq % Hkv == 0, got q "
+            f"{tuple(q.shape)}, centroids {tuple(centroids.shape)}"
         )
     sel = torch.empty((tq, hq, topk), dtype=torch.int32, device=q.device)
     if tq == 0:
@@ -262,13 +291,22 @@ def select_blocks_triton(
     if interpreted:  # float32 storage and dots: q needs no split
         qp, q = 1, q.float()
     pieces = centroid_pieces(centroids, cpn, torch.float32 if interpreted else torch.bfloat16)
-    cfg = dict(_CONFIG)
-    block_t, block_c = cfg.pop("BLOCK_T"), cfg.pop("BLOCK_C")
-    n_tiles = triton.cdiv(tq, block_t)
+    cfg = launch_config(d, qp, cpn, topk)
+    n_tiles = triton.cdiv(tq, cfg["BLOCK_T"])
     _gate_kernel[(n_tiles, hq)](
         q.contiguous(), pieces, q_block.to(torch.int32).contiguous(),
         q_seq_first.to(torch.int32).contiguous(), sel, tq, hq, hkv, n, hkv * n * d, topk,
-        n_tiles, D=d, KP=max(2, triton.next_power_of_2(max(1, topk - 1))), BLOCK_T=block_t,
-        BLOCK_C=block_c, QP=qp, CPN=cpn, **cfg,
+        n_tiles, **cfg,
     )  # fmt: skip
     return sel
+
+
+def launch_config(d: int, qp: int, cpn: int, topk: int) -> dict:
+    """Constexprs and launch options (``num_warps``, ``num_stages``) of ``_gate_kernel`` for head
+    dim ``d``, ``qp`` query and ``cpn`` centroid pieces and ``topk``."""
+    cfg = dict(_CONFIGS[d])
+    dp = triton.next_power_of_2(d)
+    while qp * cfg["BLOCK_T"] * dp * 2 > _Q_PIECE_BYTES and cfg["BLOCK_T"] > 16:
+        cfg["BLOCK_T"] //= 2
+    kp = max(2, triton.next_power_of_2(max(1, topk - 1)))  # kept-set slots, >= 2 for tl.arange
+    return dict(cfg, D=d, DP=dp, KP=kp, QP=qp, CPN=cpn)

@@ -39,6 +39,7 @@ from moba_dist.kernels.plan_types import (
 __all__ = [
     "QueryTiles",
     "chunk_tiles",
+    "padded_dim",
     "plan_entries",
     "routed_backward",
     "routed_forward",
@@ -47,7 +48,13 @@ __all__ = [
     "unavailable_reason",
 ]
 
-_HEAD_DIMS = (16, 32, 64, 128)
+# 16 and 32 serve small models and the interpreter tests; 96 runs padded to 128 lanes.
+_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+
+
+def padded_dim(d: int) -> int:
+    """The power-of-two lane count the kernels use for head dim ``d`` (masked past ``d``)."""
+    return 1 << (d - 1).bit_length()
 
 
 def unavailable_reason(q: torch.Tensor) -> str | None:
@@ -74,7 +81,7 @@ def plan_entries(sel: torch.Tensor, num_blocks: int, hkv: int) -> EntryPlan:
     tq, hq, topk = sel.shape
     n_ent = tq * hq * topk
     groups = num_blocks * hkv
-    # In-place steps keep the transient memory at a few [E] int64 arrays.
+    # In-place steps keep the transient memory at a few [E] arrays.
     key = torch.arange(n_ent, device=sel.device)
     key //= topk
     key %= hq
@@ -82,14 +89,26 @@ def plan_entries(sel: torch.Tensor, num_blocks: int, hkv: int) -> EntryPlan:
     flat = sel.reshape(-1)
     key += flat.to(torch.int64) * hkv
     key.masked_fill_(flat < 0, groups)  # invalid slots: sentinel group G, sorted last
-    key *= n_ent
-    key += torch.arange(n_ent, device=sel.device)
-    # The composite (group, entry) key is unique, so the unstable sort is deterministic.
-    comp = torch.sort(key).values
+    # A stable sort of the narrowest key dtype that holds G (radix passes scale with its bits;
+    # ties keep entry order, so the result is deterministic) instead of a 64-bit composite key.
+    narrow = _key_dtype(groups)
+    skey, order = torch.sort(key.to(narrow), stable=True)
     del key
+    comp = skey.to(torch.int64)
+    del skey
+    comp *= n_ent
+    comp += order
+    del order
     bounds = torch.arange(groups + 1, device=sel.device) * n_ent
     group_off = torch.searchsorted(comp, bounds)
     return EntryPlan(comp, group_off, groups, topk, hq, hkv)
+
+
+def _key_dtype(groups: int) -> torch.dtype:
+    """Narrowest signed dtype holding group ids 0..groups (the sentinel included)."""
+    if groups < 1 << 15:
+        return torch.int16
+    return torch.int32 if groups < 1 << 31 else torch.int64
 
 
 def tile_table(sizes: torch.Tensor, tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,12 +132,14 @@ def tile_table(sizes: torch.Tensor, tile: int, bound: int) -> tuple[torch.Tensor
 @dataclass(frozen=True)
 class QueryTiles:
     """Entry tiles of one token chunk: ``start/stop`` index ``plan.comp``; ``kend`` is the key row
-    after which no query of the tile sees a key (the own block's causal bound)."""
+    after which no query of the tile sees a key (the own block's causal bound); every query of the
+    tile sees every key row before ``kfree`` (all of a past block)."""
 
     group: torch.Tensor
     start: torch.Tensor
     stop: torch.Tensor
     kend: torch.Tensor
+    kfree: torch.Tensor
 
 
 def chunk_tiles(
@@ -135,19 +156,24 @@ def chunk_tiles(
     gs = group.clamp_min(0)
     start = lo[gs] + index * block_m
     stop = torch.minimum(start + block_m, hi[gs])
-    kend = _causal_kend(plan, q_pos, keys, gs, start, stop, block_m)
-    return QueryTiles(group.to(torch.int32), start, stop, kend)
+    kend, kfree = _causal_bounds(plan, q_pos, keys, gs, start, stop, block_m)
+    return QueryTiles(group.to(torch.int32), start, stop, kend, kfree)
 
 
-def _causal_kend(plan, q_pos, keys: RoutedKeys, group, start, stop, block_m: int) -> torch.Tensor:
-    """Per tile: the end of the key rows any of its queries can see (<= the block's end)."""
+def _causal_bounds(plan, q_pos, keys: RoutedKeys, group, start, stop, block_m: int):
+    """Per tile, key rows of its block (within ``[r0, r1]``): ``kend``, the end of the rows any of
+    its queries sees, and ``kfree``, the end of the rows all of them see."""
     n_ent = plan.num_entries
     rows = (start[:, None] + torch.arange(block_m, device=start.device)).clamp_max(n_ent - 1)
-    tok = plan.comp[rows] % n_ent // (plan.hq * plan.topk)
-    pos = torch.where(rows < stop[:, None], q_pos[tok], -1).amax(1)
+    live = rows < stop[:, None]
+    pos = q_pos[plan.comp[rows] % n_ent // (plan.hq * plan.topk)]
+    hi = torch.where(live, pos, -1).amax(1)
+    lo = torch.where(live, pos, torch.iinfo(pos.dtype).max).amin(1)
     blk = group // plan.hkv
-    seen = torch.searchsorted(keys.k_pos, pos, right=True)
-    return torch.minimum(seen, keys.block_rows[blk + 1]).clamp_min(keys.block_rows[blk])
+    r0, r1 = keys.block_rows[blk], keys.block_rows[blk + 1]
+    seen = torch.searchsorted(keys.k_pos, torch.stack([hi, lo]), right=True)
+    kend, kfree = torch.minimum(seen, r1).maximum(r0).unbind(0)
+    return kend, torch.minimum(kfree, kend)
 
 
 def token_chunks(tq: int, hq: int, topk: int, d: int, elems: int) -> list[tuple[int, int]]:

@@ -1,5 +1,6 @@
 """Context parallelism for MoBA: sharding layouts, communication, and the CP op."""
 
+from moba_dist.parallel.config import CPConfig
 from moba_dist.parallel.context import CPContext
 from moba_dist.parallel.cp import moba_cp_attn_varlen
 from moba_dist.parallel.layouts import (
@@ -14,6 +15,7 @@ from moba_dist.parallel.layouts import (
 
 __all__ = [
     "LAYOUTS",
+    "CPConfig",
     "CPContext",
     "CPPadding",
     "check_layout",

@@ -1,9 +1,10 @@
 """The per-batch context of context-parallel MoBA, shared by every layer of one batch.
 
 Everything that depends only on ``cu_seqlens`` and the split (block layout, ownership of every
-token, this rank's positions, the local and all-gather key sets) is computed once by
-:meth:`CPContext.build`, together with the one handshake in which the ranks agree on the batch.
-Layers then pass the context instead of ``cu_seqlens`` and skip all of that.
+token, every rank's positions and per-block row ranges, runs of local queries, the local and
+all-gather key sets) is computed once by :meth:`CPContext.build`, together with the one handshake
+in which the ranks agree on the batch. Layers then pass the context instead of ``cu_seqlens``
+and skip all of that: per layer, the plan reads the host once (``plan.route``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from moba_dist.parallel import comm
 from moba_dist.parallel.handshake import CONTEXT_FIELDS, agree_or_raise, cu_hash
 from moba_dist.parallel.layouts import LAYOUTS, check_layout
 from moba_dist.parallel.plan import Ownership, build_ownership
-from moba_dist.parallel.requests import keys_from_positions
+from moba_dist.parallel.requests import keys_from_positions, query_runs
 from moba_dist.parallel.stats import moba_density
 
 __all__ = ["CPContext"]
@@ -35,6 +36,17 @@ def _check_cu(cu_seqlens: object) -> torch.Tensor:
     return cu_seqlens
 
 
+def check_batch(cu_seqlens: Any, moba_chunk_size: Any, layout: Any, world: int) -> list[int]:
+    """Local checks of a batch; returns its ``[T, nseq, cu_seqlens_hash]`` (one host read)."""
+    cu = _check_cu(cu_seqlens)
+    check_positive_int("moba_chunk_size", moba_chunk_size)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    cpu = cu.cpu()
+    check_layout(cpu, world_size=world, layout=layout)
+    return [int(cpu[-1]), cpu.numel() - 1, cu_hash(cpu)]
+
+
 # eq=False: tensor fields make a field-wise == ambiguous; contexts compare by identity.
 @dataclass(frozen=True, eq=False)
 class CPContext:
@@ -46,9 +58,13 @@ class CPContext:
             configured otherwise refuses the context.
         cu_seqlens: the global offsets (int32) on the device of the input ``cu_seqlens``.
         blocks: block layout of the packed batch; own: ownership of every token.
+        block_lo, block_hi: ``[P, N]`` rank r's local rows of block j are
+            ``block_lo[r, j]:block_hi[r, j]``.
         local_keys: routed-key description of this rank's own K/V rows.
-        remote_pos: global positions held by other ranks, ascending (the all-gather key set).
-        local_block: global block id of every local token.
+        local_block: global block id of every local token; run, run_last_pos: runs of local
+            queries per block (``requests.query_runs``).
+        remote_pos: global positions held by other ranks, ascending; remote_block their blocks;
+            remote_keys: the key set of all of them (the all-gather strategy's).
         row: ``[T, nseq, cu_seqlens_hash]``, the batch part of every layer's fingerprint.
     """
 
@@ -60,9 +76,15 @@ class CPContext:
     cu_seqlens: torch.Tensor
     blocks: BlockLayout
     own: Ownership
+    block_lo: torch.Tensor
+    block_hi: torch.Tensor
     local_keys: RoutedKeys
-    remote_pos: torch.Tensor
     local_block: torch.Tensor
+    run: torch.Tensor
+    run_last_pos: torch.Tensor
+    remote_pos: torch.Tensor
+    remote_block: torch.Tensor
+    remote_keys: RoutedKeys
     row: tuple[int, int, int]
     _densities: dict[int, float] = field(default_factory=dict, repr=False)
 
@@ -99,33 +121,40 @@ class CPContext:
         """
         group = comm.resolve_group(process_group)
         rank, world = comm.group_rank_and_size(group)
-        found: dict[str, Any] = {}
+        found: list[int] = []
 
         def validate() -> list[int]:
-            cu = _check_cu(cu_seqlens)
-            check_positive_int("moba_chunk_size", moba_chunk_size)
-            if layout not in LAYOUTS:
-                raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-            cpu = cu.cpu()
-            check_layout(cpu, world_size=world, layout=layout)
-            found["row"] = (int(cpu[-1]), cpu.numel() - 1, cu_hash(cpu))
-            return [1, world, moba_chunk_size, LAYOUTS.index(layout), *found["row"]]
+            found.extend(check_batch(cu_seqlens, moba_chunk_size, layout, world))
+            return [1, world, moba_chunk_size, LAYOUTS.index(layout), *found]
 
         agree_or_raise(validate, group, rank, CONTEXT_FIELDS)
-        cu = cu_seqlens
+        return cls.assemble(cu_seqlens, moba_chunk_size, group, layout, tuple(found))
+
+    @classmethod
+    def assemble(
+        cls, cu: torch.Tensor, moba_chunk_size: int, group: Any, layout: str, row: tuple
+    ) -> CPContext:
+        """The context of a batch the ranks already agreed on (no collective)."""
+        rank, world = comm.group_rank_and_size(group)
         blocks = BlockLayout.build(cu, moba_chunk_size)
         own = build_ownership(cu, rank, world, layout, cu.device)
+        starts = blocks.block_starts.expand(world, -1).contiguous()
+        bounds = torch.searchsorted(own.all_positions, starts)
+        local_block = blocks.token_block[own.positions]
+        run, run_last_pos = query_runs(own.positions, local_block)
+        remote_pos = (own.owner != rank).nonzero().squeeze(1)
         return cls(
             group=group, rank=rank, world=world, layout=layout,
             moba_chunk_size=moba_chunk_size, cu_seqlens=cu, blocks=blocks, own=own,
-            local_keys=keys_from_positions(own.positions, blocks),
-            remote_pos=(own.owner != rank).nonzero().squeeze(1),
-            local_block=blocks.token_block[own.positions], row=found["row"],
+            block_lo=bounds[:, :-1], block_hi=bounds[:, 1:],
+            local_keys=keys_from_positions(own.positions, blocks), local_block=local_block,
+            run=run, run_last_pos=run_last_pos, remote_pos=remote_pos,
+            remote_block=blocks.token_block[remote_pos],
+            remote_keys=keys_from_positions(remote_pos, blocks), row=row,
         )  # fmt: skip
 
-    def check_matches(self, *, process_group: Any, layout: str, moba_chunk_size: int) -> None:
+    def check_matches(self, *, group: Any, layout: str, moba_chunk_size: int) -> None:
         """Raise unless this context was built for this group, layout and chunk size."""
-        group = comm.resolve_group(process_group)
         if group is not self.group:
             raise ValueError(
                 "the CPContext was built for another process group than the layer's "

@@ -1,32 +1,36 @@
 """Context-parallel MoBA: the autograd function, ``moba_cp_attn_varlen`` and
 ``MoBAContextParallel``.
 
-Per call (design.md): handshake -> global centroids -> routing -> fetch plan -> launch the K/V
-transfer -> attend to local keys while it flies -> attend to fetched keys -> LSE merge. The
-backward reuses the routing, keeps dQ local, fetches the rows again (or reuses them with
-``keep_fetched=True``) and returns dK/dV of fetched rows to their owners in float32.
+Per call (design.md): centroids -> routing -> needs (the layer's fingerprint rides along) ->
+strategy plan -> launch the K/V transfer -> attend to local keys while it flies -> attend to
+fetched keys -> LSE merge. The backward reuses the routing, keeps dQ local, fetches the rows
+again (or reuses them with ``keep_fetched=True``) and returns dK/dV of fetched rows to their
+owners in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from moba_dist.checks import check_attention_inputs
-from moba_dist.config import MoBAConfig
 from moba_dist.kernels.dispatch import resolve_backend, routed_backward, routed_forward
-from moba_dist.kernels.plan_types import RoutedProblem
+from moba_dist.kernels.plan_types import RoutedKeys, RoutedProblem
 from moba_dist.parallel import comm
-from moba_dist.parallel.context import CPContext
-from moba_dist.parallel.exchange import return_grads, start_fetch
-from moba_dist.parallel.handshake import STRATEGIES, agree_or_raise, fingerprint
-from moba_dist.parallel.layouts import LAYOUTS
-from moba_dist.parallel.plan import CPPlan, make_plan
-from moba_dist.parallel.stats import call_stats as record_stats
+from moba_dist.parallel.config import CPConfig
+from moba_dist.parallel.context import CPContext, check_batch
+from moba_dist.parallel.handshake import FIELDS, agree_or_raise, fingerprint
+from moba_dist.parallel.plan import Routing, route
+from moba_dist.parallel.stats import CallStats, kv_row_bytes
+from moba_dist.parallel.strategies import WHOLE_CALL_TYPES, Strategy, choose_strategy
+from moba_dist.parallel.streamed import Streamed
 
-__all__ = ["STRATEGIES", "MoBAContextParallel", "moba_cp_attn_varlen"]
+__all__ = ["MoBAContextParallel", "moba_cp_attn_varlen"]
 
 
 def merge_lse(o1, l1, o2, l2):
@@ -42,92 +46,167 @@ def merge_lse(o1, l1, o2, l2):
     return out.to(o1.dtype), lse
 
 
+@dataclass(frozen=True)
+class _Call:
+    """What forward and backward of one call share besides tensors."""
+
+    routing: Routing
+    strategy: Strategy | Streamed
+    scale: float
+    backend: str
+    keep_fetched: bool
+    block: int  # moba_chunk_size: bounds every block's rows in any key set (no backward sync)
+
+    def problem(self, keys: RoutedKeys) -> RoutedProblem:
+        r = self.routing
+        return RoutedProblem(r.ctx.own.positions, keys, r.sel, self.scale, self.block)
+
+
 class MoBACPFunction(torch.autograd.Function):
-    """Autograd of one CP call; the plan (routing, fetch lists) is built outside and reused."""
+    """Autograd of one CP call; the plan (routing, strategy) is built outside and reused."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: CPPlan, scale: float, backend: str, keep: bool):
-        q_pos = plan.own.positions
-        fetch = start_fetch(plan, k, v)
-        o1, l1 = routed_forward(
-            backend, q, k, v, RoutedProblem(q_pos, plan.local_keys, plan.sel, scale)
-        )
+    def forward(ctx, q, k, v, call: _Call):
+        if isinstance(call.strategy, Streamed):  # pieces attended as they arrive
+            out, lse = call.strategy.forward(call, q, k, v, merge_lse)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.call = call
+            ctx.mark_non_differentiable(lse)
+            return out, lse
+        fetch = call.strategy.forward_exchange(k, v)  # step 4: in flight during the local part
+        local = call.problem(call.routing.ctx.local_keys)
+        o1, l1 = routed_forward(call.backend, q, k, v, local)
         fetched = fetch()
         if fetched.keys.k_pos.numel() == 0:
             # Nothing fetched (a host-known count, no sync): the local part is the result; the
             # exchange itself still ran, on every rank.
             out, lse = o1, l1
         else:
-            prob = RoutedProblem(q_pos, fetched.keys, plan.sel, scale)
-            o2, l2 = routed_forward(backend, q, fetched.k, fetched.v, prob)
+            prob = call.problem(fetched.keys)
+            o2, l2 = routed_forward(call.backend, q, fetched.k, fetched.v, prob)
             out, lse = merge_lse(o1, l1, o2, l2)
-        saved = (fetched.k, fetched.v) if keep else ()
+        saved = (fetched.k, fetched.v) if call.keep_fetched else ()
         ctx.save_for_backward(q, k, v, out, lse, *saved)
-        ctx.plan, ctx.scale, ctx.backend, ctx.keep = plan, scale, backend, keep
-        ctx.fetched_keys = fetched.keys if keep else None
+        ctx.call = call
+        ctx.fetched_keys = fetched.keys if call.keep_fetched else None
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, _dlse):  # step 5
         q, k, v, out, lse, *saved = ctx.saved_tensors
-        plan, scale, backend = ctx.plan, ctx.scale, ctx.backend
+        call: _Call = ctx.call
         dout = dout.contiguous()
-        fetch = None if ctx.keep else start_fetch(plan, k, v)
-        q_pos = plan.own.positions
-        local = RoutedProblem(q_pos, plan.local_keys, plan.sel, scale)
-        dq, dk, dv = routed_backward(backend, dout, q, k, v, out, lse, local)
+        if isinstance(call.strategy, Streamed):
+            dq, dk, dv = call.strategy.backward(call, dout, q, k, v, out, lse)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        fetch = None if call.keep_fetched else call.strategy.forward_exchange(k, v)
+        local = call.problem(call.routing.ctx.local_keys)
+        dq, dk, dv = routed_backward(call.backend, dout, q, k, v, out, lse, local)
         if fetch is not None:
             fetched = fetch()
             fk, fv, fkeys = fetched.k, fetched.v, fetched.keys
         else:
             fk, fv, fkeys = saved[0], saved[1], ctx.fetched_keys
-        if fkeys.k_pos.numel() == 0:
-            dq2, dk_f, dv_f = 0, fk.to(dk.dtype), fv.to(dk.dtype)
+        if fkeys.k_pos.numel() == 0:  # no fetched keys: no dQ part to add (host-known)
+            dk_f, dv_f = fk.to(dk.dtype), fv.to(dk.dtype)
         else:
-            prob = RoutedProblem(q_pos, fkeys, plan.sel, scale)
-            dq2, dk_f, dv_f = routed_backward(backend, dout, q, fk, fv, out, lse, prob)
-        return_grads(plan, dk_f.to(dk.dtype), dv_f.to(dk.dtype), dk, dv)
-        dq = dq + dq2
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+            prob = call.problem(fkeys)
+            dq2, dk_f, dv_f = routed_backward(call.backend, dout, q, fk, fv, out, lse, prob)
+            dq = dq + dq2
+        call.strategy.backward_exchange(dk_f.to(dk.dtype), dv_f.to(dk.dtype), dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-def _validate(q, k, v, ctx: CPContext, cfg: dict, group) -> list[int]:
-    """Local checks of one rank; returns its handshake fingerprint."""
+def _check_layer(q, k, v, cfg: CPConfig, group, num_tokens: int, world: int, device) -> None:
+    """Local checks of one rank's layer inputs against its batch."""
     q, k, v = check_attention_inputs(q, k, v, "[T_local, H, D]")
-    ctx.check_matches(
-        process_group=group, layout=cfg["layout"], moba_chunk_size=cfg["moba_chunk_size"]
-    )
-    MoBAConfig(cfg["moba_chunk_size"], cfg["moba_topk"], cfg["softmax_scale"], cfg["backend"])
-    if cfg["strategy"] not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg['strategy']!r}")
-    expect = ctx.num_tokens // ctx.world
+    expect = num_tokens // world
     if q.shape[0] != expect:
         raise ValueError(
-            f"q/k/v must be this rank's shard of {ctx.num_tokens} tokens over {ctx.world} ranks "
+            f"q/k/v must be this rank's shard of {num_tokens} tokens over {world} ranks "
             f"({expect} tokens, as moba_dist.parallel.shard returns), got {q.shape[0]}"
         )
-    if q.device != ctx.device:
+    if q.device != device:
         raise ValueError(
-            f"q must be on the device of the CPContext's cu_seqlens ({ctx.device}), got {q.device}"
+            f"q must be on the device of the CPContext's cu_seqlens ({device}), got {q.device}"
         )
-    if comm.backend_name(group) == "gloo" and q.device.type != "cpu":
-        raise ValueError(f"a gloo process group moves CPU tensors, got q on {q.device}")
-    resolve_backend(cfg["backend"], q, routed=True)
-    return fingerprint(q, k, list(ctx.row), ctx.world, cfg)
+    resolve_backend(cfg.backend, q, routed=True)
 
 
-def _as_context(cu_seqlens_or_context, cfg: dict, process_group, device) -> CPContext:
-    """A passed context as is; ``cu_seqlens`` builds one (a collective: every rank does it)."""
-    if isinstance(cu_seqlens_or_context, CPContext):
-        return cu_seqlens_or_context
-    cu = cu_seqlens_or_context
-    if isinstance(cu, torch.Tensor) and device is not None and cu.device != device:
-        cu = cu.to(device)
-    return CPContext.build(
-        cu, moba_chunk_size=cfg["moba_chunk_size"], process_group=process_group,
-        layout=cfg["layout"],
+def _layer_header(q, k, v, ctx: CPContext, cfg: CPConfig, group):
+    """This rank's fingerprint for the plan's piggy-backed check, or zeros and the error."""
+    try:
+        ctx.check_matches(group=group, layout=cfg.layout, moba_chunk_size=cfg.moba_chunk_size)
+        _check_layer(q, k, v, cfg, group, ctx.num_tokens, ctx.world, ctx.device)
+        return fingerprint(q, k, ctx.row, ctx.world, cfg), None
+    except (TypeError, ValueError) as exc:
+        return [0] * len(FIELDS), exc
+
+
+def _context_from_cu(q, k, v, cu, cfg: CPConfig, group) -> CPContext:
+    """Without a context: one all-gather agrees on the batch and on the layer (shapes included,
+    before any exchange is sized by them), then the context is assembled."""
+    if isinstance(cu, torch.Tensor) and isinstance(q, torch.Tensor) and cu.device != q.device:
+        cu = cu.to(q.device)
+    rank, world = comm.group_rank_and_size(group)
+    found: list[int] = []
+
+    def validate() -> list[int]:
+        found.extend(check_batch(cu, cfg.moba_chunk_size, cfg.layout, world))
+        _check_layer(q, k, v, cfg, group, found[0], world, cu.device)
+        return fingerprint(q, k, tuple(found), world, cfg)
+
+    agree_or_raise(validate, group, rank, FIELDS)
+    return CPContext.assemble(cu, cfg.moba_chunk_size, group, cfg.layout, tuple(found))
+
+
+def cp_attention(
+    q, k, v, batch: torch.Tensor | CPContext, cfg: CPConfig, process_group: Any,
+    on_stats: Callable[[CallStats], None],
+):  # fmt: skip
+    """One CP call: ``(out, lse)``; ``on_stats`` gets its statistics before the autograd function
+    runs (a checkpoint recomputation may stop inside it). Shared by the function and the
+    module."""
+    group = comm.resolve_group(process_group)
+    if isinstance(batch, CPContext):
+        ctx = batch
+        header, error = _layer_header(q, k, v, ctx, cfg, group)
+    else:
+        ctx = _context_from_cu(q, k, v, batch, cfg, group)
+        header, error = fingerprint(q, k, ctx.row, ctx.world, cfg), None
+    if cfg.strategy in WHOLE_CALL_TYPES:
+        return _whole_call(WHOLE_CALL_TYPES[cfg.strategy], q, k, v, ctx, cfg, group, on_stats)
+    routing = route(q, k, ctx, group, cfg.moba_topk, header, error, cfg.gate_precision)
+    strategy = choose_strategy(cfg.strategy, routing, k, cfg.max_fetch_bytes)  # step 6
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    call = _Call(
+        routing, strategy, cfg.scale_for(q.shape[-1]), resolve_backend(cfg.backend, q, True),
+        cfg.keep_fetched, cfg.moba_chunk_size,
     )  # fmt: skip
+    fractions = routing.union_fractions
+    t_local, hkv, _ = k.shape
+    record = CallStats(
+        strategy=strategy.name, traffic=strategy.stats(k, cfg.keep_fetched),
+        union_fraction=fractions[ctx.rank], union_fraction_max=max(fractions),
+        allgather_bytes_received=(ctx.world - 1) * t_local * hkv * kv_row_bytes(k)[0],
+        world_size=ctx.world, context=ctx, moba_topk=cfg.moba_topk,
+    )  # fmt: skip
+    on_stats(record)
+    return MoBACPFunction.apply(q, k, v, call)
+
+
+def _whole_call(strategy, q, k, v, ctx: CPContext, cfg: CPConfig, group, on_stats):
+    """A strategy without routing (``strategies.WholeCallStrategy``) runs the call itself."""
+    ctx.check_matches(group=group, layout=cfg.layout, moba_chunk_size=cfg.moba_chunk_size)
+    out, lse, traffic = strategy.run(q, k, v, ctx, cfg)
+    t_local, hkv, _ = k.shape
+    on_stats(CallStats(
+        strategy=strategy.name, traffic=traffic, union_fraction=None, union_fraction_max=None,
+        allgather_bytes_received=(ctx.world - 1) * t_local * hkv * kv_row_bytes(k)[0],
+        world_size=ctx.world, context=ctx, moba_topk=cfg.moba_topk,
+    ))  # fmt: skip
+    return out, lse
 
 
 def _in_backward() -> bool:
@@ -153,6 +232,8 @@ def moba_cp_attn_varlen(
     keep_fetched: bool = False,
     return_lse: bool = False,
     stats: dict | None = None,
+    gate_precision: str = "float32",
+    max_fetch_bytes: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Context-parallel MoBA: the function of ``moba_attn_varlen`` on a sequence split over ranks.
 
@@ -169,36 +250,36 @@ def moba_cp_attn_varlen(
         layout: ``"contiguous"`` or ``"zigzag"`` (see ``moba_dist.parallel.layouts``).
         strategy: ``"selective"`` fetches only the (block, KV head) rows local queries selected;
             ``"allgather"`` gathers all K/V; ``"auto"`` picks per call, identically on every rank,
-            from the exchanged union fractions (``AUTO_ALLGATHER_FRACTION``).
+            from the exchanged union fractions (``strategies.AUTO_ALLGATHER_FRACTION``);
+            ``"heads"`` re-splits q, k, v by heads instead (``parallel/heads.py``; needs
+            ``Hq % P == 0``); ``"streamed"`` fetches what ``"selective"`` does, in pieces
+            attended as they arrive (``parallel/streamed.py``).
         backend: local kernel, ``"auto"``, ``"reference"`` or ``"triton"``.
         keep_fetched: keep fetched K/V for the backward instead of fetching again (more memory,
             less traffic).
         return_lse: also return ``lse [Hq, T_local]`` float32 (not differentiable).
         stats: optional dict filled with this call's statistics (see ``MoBAContextParallel``).
+        gate_precision: as in ``moba_attn_varlen``; every rank must pass the same.
+        max_fetch_bytes: ``"streamed"`` only: the most fetched K/V bytes held at once, forward
+            and backward (the piece attended plus the next in flight). None: a quarter of the
+            free device memory on CUDA, 1 GiB on CPU (``streamed.default_max_fetch_bytes``).
+            Ranks take the smallest value any of them passes.
 
     Returns:
         ``out [T_local, Hq, D]`` in q's dtype (and lse); autograd for the local q, k, v.
 
     Raises:
         ValueError/TypeError on every rank when any rank's inputs are invalid or ranks disagree
-        on configuration or shapes (checked by the first collective, so no rank hangs).
+        on configuration or shapes. With ``cu_seqlens`` the ranks agree before any exchange;
+        with a context the check rides on the plan's need exchange, so ranks must agree on what
+        sizes the exchanges before it: Hkv, head_dim, whether inputs are float64, and the batch.
     """
-    group = comm.resolve_group(process_group)
-    rank = comm.group_rank_and_size(group)[0]
-    cfg = dict(
-        moba_chunk_size=moba_chunk_size, moba_topk=moba_topk, layout=layout,
-        softmax_scale=softmax_scale, strategy=strategy, backend=backend,
-        keep_fetched=bool(keep_fetched),
+    cfg = CPConfig(
+        moba_chunk_size, moba_topk, softmax_scale, backend, layout, strategy, bool(keep_fetched),
+        gate_precision, max_fetch_bytes,
     )  # fmt: skip
-    ctx = _as_context(cu_seqlens, cfg, process_group, getattr(q, "device", None))
-    agree_or_raise(lambda: _validate(q, k, v, ctx, cfg, group), group, rank)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = make_plan(q, k, ctx, moba_topk, strategy)
-    scale = MoBAConfig(moba_chunk_size, moba_topk, softmax_scale).scale_for(q.shape[-1])
-    name = resolve_backend(backend, q, routed=True)
-    call_stats: dict = {} if stats is None else stats
-    call_stats.update(record_stats(plan, k, ctx.density(moba_topk), bool(keep_fetched)))
-    out, lse = MoBACPFunction.apply(q, k, v, plan, scale, name, bool(keep_fetched))
+    sink = (lambda record: None) if stats is None else (lambda r: stats.update(r.as_dict()))
+    out, lse = cp_attention(q, k, v, cu_seqlens, cfg, process_group, sink)
     return (out, lse) if return_lse else out
 
 
@@ -210,14 +291,18 @@ class MoBAContextParallel(nn.Module):
     ``CPContext.build(cu_seqlens, moba_chunk_size=..., process_group=..., layout=...)`` and
     passed to every layer) and equals ``moba_attn_varlen`` on the unsharded input
     (up to near-ties of the gate), for any world size and layout. See
-    :func:`moba_cp_attn_varlen` for every argument.
+    :func:`moba_cp_attn_varlen` for every argument; ``config`` holds them as a :class:`CPConfig`
+    (:meth:`from_config` builds the module from one).
 
-    After each forward, ``last_stats`` holds: ``strategy`` (the one taken), ``bytes_sent`` /
+    ``last_stats`` describes the last forward: ``strategy`` (the one taken), ``bytes_sent`` /
     ``bytes_received`` (K/V payload bytes of this rank in the forward), ``union_fraction`` (share
     of the remote (row, KV head) pairs this rank needed; ``union_fraction_max`` over ranks),
-    ``density`` (MoBA keys over causal keys), ``world_size``; after the backward also
-    ``bwd_bytes_sent`` / ``bwd_bytes_received`` (re-fetch plus float32 gradient return). A
-    forward recomputed by activation checkpointing writes ``last_recompute_stats`` instead.
+    ``density`` (MoBA keys over causal keys), ``world_size``, and the backward's
+    ``bwd_bytes_sent`` / ``bwd_bytes_received`` (re-fetch plus float32 gradient return);
+    ``"streamed"`` adds ``pieces`` (exchange steps per pass), ``max_piece_bytes`` (the largest
+    fetched piece) and ``max_fetch_bytes`` (the agreed budget). It is
+    built when read (the density costs one device read per batch and top-k then, not per call).
+    A forward recomputed by activation checkpointing fills ``last_recompute_stats`` instead.
     """
 
     def __init__(
@@ -230,35 +315,60 @@ class MoBAContextParallel(nn.Module):
         strategy: str = "auto",
         backend: str = "auto",
         keep_fetched: bool = False,
+        gate_precision: str = "float32",
+        max_fetch_bytes: int | None = None,
     ) -> None:
         super().__init__()
-        self.config = MoBAConfig(moba_chunk_size, moba_topk, softmax_scale, backend)
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.process_group, self.layout = process_group, layout
-        self.strategy, self.keep_fetched = strategy, keep_fetched
-        self.last_stats: dict[str, Any] = {}
-        self.last_recompute_stats: dict[str, Any] = {}
+        self.config = CPConfig(
+            moba_chunk_size, moba_topk, softmax_scale, backend, layout, strategy,
+            bool(keep_fetched), gate_precision, max_fetch_bytes,
+        )  # fmt: skip
+        self.process_group = process_group
+        self._stats: CallStats | None = None
+        self._recompute_stats: CallStats | None = None
+
+    @classmethod
+    def from_config(cls, config: CPConfig, process_group: Any = None) -> MoBAContextParallel:
+        """The module configured by ``config``."""
+        if not isinstance(config, CPConfig):
+            raise TypeError(f"config must be a CPConfig, got {type(config).__name__}")
+        return cls(process_group=process_group, **dataclasses.asdict(config))
+
+    @property
+    def layout(self) -> str:
+        return self.config.layout
+
+    @property
+    def strategy(self) -> str:
+        return self.config.strategy
+
+    @property
+    def keep_fetched(self) -> bool:
+        return self.config.keep_fetched
+
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        return {} if self._stats is None else self._stats.as_dict()
+
+    @property
+    def last_recompute_stats(self) -> dict[str, Any]:
+        return {} if self._recompute_stats is None else self._recompute_stats.as_dict()
 
     def forward(self, q, k, v, cu_seqlens: torch.Tensor | CPContext, return_lse: bool = False):
-        stats: dict[str, Any] = {}
-        if _in_backward():
-            self.last_recompute_stats = stats
-        else:
-            self.last_stats = stats
-        c = self.config
-        return moba_cp_attn_varlen(
-            q, k, v, cu_seqlens, moba_chunk_size=c.moba_chunk_size, moba_topk=c.moba_topk,
-            process_group=self.process_group, layout=self.layout, softmax_scale=c.softmax_scale,
-            strategy=self.strategy, backend=c.backend, keep_fetched=self.keep_fetched,
-            return_lse=return_lse, stats=stats,
-        )  # fmt: skip
+        recompute = _in_backward()
+
+        def keep(record: CallStats) -> None:
+            if recompute:
+                self._recompute_stats = record
+            else:
+                self._stats = record
+
+        out, lse = cp_attention(q, k, v, cu_seqlens, self.config, self.process_group, keep)
+        return (out, lse) if return_lse else out
 
     def extra_repr(self) -> str:
         c = self.config
         return (
             f"moba_chunk_size={c.moba_chunk_size}, moba_topk={c.moba_topk}, "
-            f"layout={self.layout!r}, strategy={self.strategy!r}, backend={c.backend!r}"
+            f"layout={c.layout!r}, strategy={c.strategy!r}, backend={c.backend!r}"
         )

@@ -103,14 +103,18 @@ def check_layout(cu_seqlens: torch.Tensor, *, world_size: int, layout: str) -> N
         )
 
 
-def _segment_positions(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _segment_positions(
+    starts: torch.Tensor, lengths: torch.Tensor, total: int | None = None
+) -> torch.Tensor:
     """Concatenate the ranges ``[starts[i], starts[i] + lengths[i])`` -> LongTensor [sum(lengths)].
 
     Vectorised: token j of the output belongs to segment s(j) and equals
     ``j + (starts[s] - offset[s])``, where ``offset`` is the exclusive cumsum of ``lengths``.
+    ``total``: ``sum(lengths)`` when the caller knows it on the host (saves a device sync).
     """
     starts, lengths = starts.long(), lengths.long()
-    total = int(lengths.sum())
+    if total is None:
+        total = int(lengths.sum())
     offsets = torch.cumsum(lengths, 0) - lengths
     shift = torch.repeat_interleave(starts - offsets, lengths, output_size=total)
     return torch.arange(total, device=starts.device) + shift

@@ -1,45 +1,40 @@
-"""The plan of one context-parallel MoBA call: ownership of tokens, global centroids, routing,
-the strategy choice and (selective) the request exchange (steps 1-3 of the CP algorithm).
+"""The shared plan of one context-parallel MoBA call (steps 1-3 of the CP algorithm): global
+centroids, routing, every rank's needs and the counts each strategy plans from.
 
-Everything forward and backward share lives in :class:`CPPlan`; the routing is computed once
-and reused by the backward.
+:func:`route` makes two collectives (the centroid all-reduce, the need-table all-gather that
+also carries the layer's fingerprint) and one host read; the strategy objects
+(``parallel/strategies.py``) build their exchange from the :class:`Routing` it returns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
-from moba_dist.kernels.blocks import BlockLayout, segment_sums
+from moba_dist.kernels.blocks import segment_sums
 from moba_dist.kernels.gate import select_blocks
-from moba_dist.kernels.plan_types import RoutedKeys
 from moba_dist.parallel import comm
+from moba_dist.parallel.handshake import FIELDS, check_rows
 from moba_dist.parallel.layouts import local_positions
-from moba_dist.parallel.requests import (
-    exchange_requests,
-    expand_requests,
-    needed_requests,
-)
+from moba_dist.parallel.requests import needed_maxpos, rows_total, rows_upto
 
-__all__ = [
-    "AUTO_ALLGATHER_FRACTION",
-    "CPPlan",
-    "Ownership",
-    "build_ownership",
-    "global_centroids",
-    "make_plan",
-]
+if TYPE_CHECKING:
+    from moba_dist.parallel.context import CPContext
+
+__all__ = ["Ownership", "Routing", "build_ownership", "global_centroids", "route"]
 
 
 @dataclass(frozen=True)
 class Ownership:
     """Where every global token lives: ``owner [T]`` (group rank) and ``local_index [T]`` (row in
-    the owner's shard), plus this rank's ``positions [T_local]`` (ascending)."""
+    the owner's shard); ``all_positions [P, T_local]``, every rank's positions (ascending), and
+    this rank's ``positions [T_local]``."""
 
     owner: torch.Tensor
     local_index: torch.Tensor
+    all_positions: torch.Tensor
     positions: torch.Tensor
 
 
@@ -50,86 +45,146 @@ def build_ownership(
     total = int(cu_seqlens[-1])
     owner = torch.empty(total, dtype=torch.int64, device=device)
     local_index = torch.empty(total, dtype=torch.int64, device=device)
-    mine = None
+    every = []
     for r in range(world_size):
         pos = local_positions(cu_seqlens, rank=r, world_size=world_size, layout=layout).to(device)
         owner[pos] = r
         local_index[pos] = torch.arange(pos.numel(), device=device)
-        if r == rank:
-            mine = pos
-    return Ownership(owner=owner, local_index=local_index, positions=mine)
+        every.append(pos)
+    all_positions = torch.stack(every)
+    return Ownership(owner, local_index, all_positions, all_positions[rank])
 
 
-#: ``strategy="auto"`` all-gathers K/V once some rank needs more than this share of the remote
-#: (row, head) pairs: past it, many small requests cost more than one bandwidth-optimal gather.
-AUTO_ALLGATHER_FRACTION = 0.5
+def _local_block_sums(k: torch.Tensor, ctx: CPContext, acc: torch.dtype) -> torch.Tensor:
+    """Sums ``[N, Hkv, D]`` of this rank's keys per global block. Local rows of block j are the
+    contiguous range ``ctx.local_keys.block_rows[j:j + 2]``, so on CUDA one Triton kernel sums
+    them without a host sync; elsewhere ``segment_sums`` (which finds its runs on the host)."""
+    if k.device.type == "cuda" and acc == torch.float32:
+        try:
+            from moba_dist.kernels.triton_gate import block_sums_triton
+        except ImportError:
+            pass
+        else:
+            return block_sums_triton(k, ctx.local_keys.block_rows)
+    b = ctx.blocks
+    return segment_sums(k, ctx.local_block, b.num_blocks, b.block_size, acc)
 
 
-@dataclass
-class CPPlan:
-    """Everything forward and backward share for one call (routing reused, never recomputed)."""
-
-    group: dist.ProcessGroup
-    rank: int
-    world: int
-    blocks: BlockLayout
-    own: Ownership
-    sel: torch.Tensor  # [T_local, Hq, K] int32 global block ids
-    local_keys: RoutedKeys
-    strategy: str
-    union_fraction: float
-    union_fraction_max: float
-    # selective: rows this rank sends (local row, head) per destination, and receives per source
-    send_row: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    send_head: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    send_counts: list[int] = field(default_factory=list)
-    recv_counts: list[int] = field(default_factory=list)
-    recv_slot: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    recv_head: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    fetched_keys: RoutedKeys | None = None
-    # allgather: global positions of every remote row, ascending
-    remote_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-
-
-def global_centroids(k: torch.Tensor, plan_blocks: BlockLayout, tok: torch.Tensor, group):
-    """Exact centroids ``[N, Hkv, D]`` float32 from all-reduced partial key sums; ``tok
-    [T_local]`` is the global block id of every local token."""
+def global_centroids(k: torch.Tensor, ctx: CPContext, group: Any) -> torch.Tensor:
+    """Exact centroids ``[N, Hkv, D]`` float32 (float64 for float64) from all-reduced partial
+    key sums (exchange 1 of every call)."""
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
-    sums = segment_sums(k, tok, plan_blocks.num_blocks, plan_blocks.block_size, acc)
-    comm.all_reduce_sum(sums, group)
-    lengths = (plan_blocks.block_starts[1:] - plan_blocks.block_starts[:-1]).to(acc)
+    sums = comm.all_reduce_sum(_local_block_sums(k, ctx, acc), group)
+    lengths = (ctx.blocks.block_starts[1:] - ctx.blocks.block_starts[:-1]).to(acc)
     return sums / lengths.view(-1, 1, 1)
 
 
-def make_plan(q, k, ctx, topk: int, strategy: str) -> CPPlan:
-    """Centroids, routing, strategy choice and (selective) request exchange; ``ctx`` is the
-    batch's :class:`~moba_dist.parallel.context.CPContext` (layout, ownership, key sets)."""
-    blocks, own, tok = ctx.blocks, ctx.own, ctx.local_block
-    group, rank, world = ctx.group, ctx.rank, ctx.world
-    centroids = global_centroids(k, blocks, tok, group)
-    sel = select_blocks(q, centroids, tok, blocks.block_seq_first[tok], topk)
-    hkv = k.shape[1]
-    triples = needed_requests(sel, own.positions, tok, hkv, blocks.num_blocks)
-    rows = expand_requests(triples, blocks)
-    remote = own.owner[rows.pos] != rank
-    remote_total = (blocks.num_tokens - own.positions.numel()) * hkv
-    # Destinations of each request: every other rank holding one of its rows.
-    dest = torch.zeros(triples.shape[0], world, dtype=torch.bool, device=q.device)
-    dest[rows.req[remote], own.owner[rows.pos[remote]]] = True
-    stats = torch.tensor(
-        [int(remote.sum()), remote_total, *dest.sum(0).tolist()], dtype=torch.int64
+@dataclass(frozen=True)
+class Routing:
+    """One call's routing and every rank's needs: what every strategy plans from.
+
+    ``sel [T_local, Hq, K]`` int32 global block ids; ``need [P, N, Hkv]`` every rank's need table
+    (``parallel/requests.py``). Selective counts, owner-major ``[P, N, Hkv]`` range tables in
+    local rows: ``recv_start/recv_len`` what each owner sends this rank (in the owner's rows),
+    ``send_start/send_len`` what this rank sends each requester (in its own rows). Host ints:
+    ``recv_rows[o]`` / ``send_rows[r]`` their sums, ``union_rows[r]`` the remote (row, KV head)
+    pairs rank r needs, ``fetched_rows`` the distinct remote positions this rank needs (selected
+    by ``fetch_mask`` over ``ctx.remote_pos``).
+    """
+
+    ctx: CPContext
+    group: Any
+    sel: torch.Tensor
+    hkv: int
+    need: torch.Tensor
+    recv_start: torch.Tensor
+    recv_len: torch.Tensor
+    send_start: torch.Tensor
+    send_len: torch.Tensor
+    fetch_mask: torch.Tensor
+    recv_rows: list[int]
+    send_rows: list[int]
+    union_rows: list[int]
+    fetched_rows: int
+
+    @property
+    def union_fractions(self) -> list[float]:
+        """Share of the remote (row, KV head) pairs each rank needs (identical on every rank)."""
+        remote_total = (self.ctx.num_tokens - self.ctx.own.positions.numel()) * self.hkv
+        return [n / max(remote_total, 1) for n in self.union_rows]
+
+
+def _exchange_shape(k: Any, error: Exception | None) -> tuple[int, int]:
+    """``(Hkv, D)`` of the exchanges. A rank whose k cannot even size them cannot take part: it
+    raises at once, and the others fail at the process group's timeout."""
+    if isinstance(k, torch.Tensor) and k.dim() == 3 and k.shape[1] > 0:
+        return k.shape[1], k.shape[2]
+    raise error if error is not None else ValueError("k must be [T_local, Hkv, D], Hkv >= 1")
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a stream sync (pinned, non-blocking) on CUDA."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _counts(
+    ctx: CPContext, need: torch.Tensor, fetch_mask: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Device-side range tables, and the ``[3P + 1]`` counts the plan reads on the host."""
+    me, own = ctx.rank, ctx.own
+    recv_start, recv_len = rows_upto(
+        own.all_positions, ctx.block_lo, ctx.block_hi, need[me].expand_as(need)
     )
-    table = comm.all_gather_rows(stats.to(comm.comm_device(group)), group).cpu()
-    fractions = (table[:, 0].double() / table[:, 1].clamp_min(1).double()).tolist()
-    if strategy == "auto":
-        strategy = "allgather" if max(fractions) > AUTO_ALLGATHER_FRACTION else "selective"
-    plan = CPPlan(
-        group=group, rank=rank, world=world, blocks=blocks, own=own, sel=sel,
-        local_keys=ctx.local_keys, strategy=strategy,
-        union_fraction=fractions[rank], union_fraction_max=max(fractions),
-    )  # fmt: skip
-    if strategy == "selective":
-        exchange_requests(plan, triples, dest, table[:, 2:].tolist(), k.device)
+    send_start, send_len = rows_upto(own.positions, ctx.block_lo[me], ctx.block_hi[me], need)
+    recv_len[me] = 0  # a rank's own rows are its local keys, never sent
+    send_len[me] = 0
+    _, own_len = rows_upto(own.all_positions, ctx.block_lo, ctx.block_hi, need)
+    union = (rows_total(need, ctx.blocks) - own_len).sum((1, 2))
+    counts = torch.cat(
+        [recv_len.sum((1, 2)), send_len.sum((1, 2)), union, fetch_mask.sum().view(1)]
+    )
+    tables = dict(recv_start=recv_start, recv_len=recv_len, send_start=send_start,
+                  send_len=send_len)  # fmt: skip
+    return tables, counts
+
+
+def route(
+    q: torch.Tensor, k: torch.Tensor, ctx: CPContext, group: Any, topk: int,
+    header: list[int], error: Exception | None, gate_precision: str = "float32",
+) -> Routing:  # fmt: skip
+    """Centroids, routing, need tables and counts; checks every rank's fingerprint ``header``.
+
+    A rank whose own validation failed (``error``) takes part with empty needs and then raises
+    it; the others raise naming that rank. Raises on every rank when fingerprints disagree.
+    """
+    hkv, d = _exchange_shape(k, error)
+    n, world = ctx.blocks.num_blocks, ctx.world
+    if error is None:
+        centroids = global_centroids(k, ctx, group)  # step 1 (exchange 1)
+        tok = ctx.local_block
+        # Step 2: route the local queries against the global centroids.
+        first = ctx.blocks.block_seq_first[tok]
+        sel = select_blocks(q, centroids, tok, first, topk, precision=gate_precision)
+        need = needed_maxpos(sel, ctx.run, ctx.run_last_pos, hkv, n)  # step 3
     else:
-        plan.remote_pos = ctx.remote_pos
-    return plan
+        acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+        comm.all_reduce_sum(torch.zeros(n, hkv, d, dtype=acc, device=ctx.device), group)
+        sel = torch.empty(0, 0, 0, dtype=torch.int32, device=ctx.device)
+        need = torch.full((n, hkv), -1, dtype=torch.int64, device=ctx.device)
+    head = _to_device(torch.tensor(header, dtype=torch.int64), ctx.device)
+    # Steps 0 and 3: every rank's needs and fingerprint in one equal-size all-gather.
+    table = comm.all_gather_rows(torch.cat([need.reshape(-1), head]), group)
+    need_all = table[:, : n * hkv].view(world, n, hkv)
+    fetch_mask = ctx.remote_pos <= need_all[ctx.rank].amax(1)[ctx.remote_block]
+    tables, counts = _counts(ctx, need_all, fetch_mask)
+    host = torch.cat([counts, table[:, n * hkv :].reshape(-1)]).tolist()  # the one host read
+    fp, c = len(FIELDS), 3 * world + 1
+    rows = [host[c + r * fp : c + (r + 1) * fp] for r in range(world)]
+    check_rows(rows, FIELDS, ctx.rank, error)
+    return Routing(
+        ctx=ctx, group=group, sel=sel, hkv=hkv, need=need_all, fetch_mask=fetch_mask,
+        recv_rows=host[:world], send_rows=host[world : 2 * world],
+        union_rows=host[2 * world : 3 * world], fetched_rows=host[3 * world], **tables,
+    )  # fmt: skip

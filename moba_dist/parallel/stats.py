@@ -1,19 +1,23 @@
-"""Statistics of one CP call, recorded when the forward plans it (not inside the backward).
+"""Statistics of one CP call, recorded when the forward plans it (not inside the backward) and
+turned into a dict only when read.
 
 Every quantity is known once the plan exists: the backward re-fetches the forward's rows (unless
 ``keep_fetched``) and returns one gradient row per fetched row, so its traffic is fixed by the
-same counts. All values are host ints from the plan: recording them costs no synchronization.
+same counts. The strategy's traffic and the union fractions are host ints of the plan; only the
+batch density needs the device, and it is computed when the statistics are first read (once
+per context and top-k).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from moba_dist.kernels.blocks import BlockLayout
 
-__all__ = ["call_stats", "moba_density"]
+__all__ = ["CallStats", "kv_row_bytes", "moba_density", "row_traffic"]
 
 
 def moba_density(blocks: BlockLayout, cu_seqlens: torch.Tensor, topk: int) -> float:
@@ -27,28 +31,44 @@ def moba_density(blocks: BlockLayout, cu_seqlens: torch.Tensor, topk: int) -> fl
     return float(useful / (n * (n + 1) / 2).sum().clamp_min(1))
 
 
-def _rows(plan: Any, t_local: int, hkv: int) -> tuple[int, int]:
-    """(rows this rank sends, rows it receives) in the forward; a row is one (token, KV head)."""
-    if plan.strategy == "allgather":
-        n = (plan.world - 1) * t_local * hkv
-        return n, n
-    return sum(plan.send_counts), sum(plan.recv_counts)
+@dataclass(frozen=True)
+class CallStats:
+    """What one call records (host values and the context); :meth:`as_dict` is what
+    ``MoBAContextParallel.last_stats`` shows (keys documented there and in docs/design.md)."""
+
+    strategy: str
+    traffic: dict[str, int]
+    union_fraction: float | None  # None for a strategy without routing (heads)
+    union_fraction_max: float | None
+    allgather_bytes_received: int
+    world_size: int
+    context: Any
+    moba_topk: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy, **self.traffic,
+            "allgather_bytes_received": self.allgather_bytes_received,
+            "union_fraction": self.union_fraction, "union_fraction_max": self.union_fraction_max,
+            "density": self.context.density(self.moba_topk), "world_size": self.world_size,
+        }  # fmt: skip
 
 
-def call_stats(plan: Any, k: torch.Tensor, density: float, keep_fetched: bool) -> dict[str, Any]:
-    """The statistics dict of one call (keys documented on ``MoBAContextParallel``)."""
-    t_local, hkv, d = k.shape
-    kv_row = 2 * d * k.element_size()  # K and V side by side
-    # Gradients travel in the kernels' accumulation dtype: float64 for float64, else float32.
-    grad_row = 2 * d * (8 if k.dtype == torch.float64 else 4)
-    sent, recv = _rows(plan, t_local, hkv)
-    refetch_sent, refetch_recv = (0, 0) if keep_fetched else (sent * kv_row, recv * kv_row)
+def kv_row_bytes(k: torch.Tensor) -> tuple[int, int]:
+    """Bytes of one (token, KV head) row of K and V side by side, and of its float gradient
+    (the kernels' accumulation dtype: float64 for float64, else float32)."""
+    d = k.shape[-1]
+    return 2 * d * k.element_size(), 2 * d * (8 if k.dtype == torch.float64 else 4)
+
+
+def row_traffic(k: torch.Tensor, sent: int, received: int, keep_fetched: bool) -> dict[str, int]:
+    """Byte counts of a strategy that moves ``sent`` / ``received`` K/V rows in the forward,
+    fetches them again in the backward (unless ``keep_fetched``) and returns one gradient row
+    per fetched row."""
+    kv_row, grad_row = kv_row_bytes(k)
+    again = 0 if keep_fetched else 1
     return {
-        "strategy": plan.strategy, "bytes_sent": sent * kv_row, "bytes_received": recv * kv_row,
-        "allgather_bytes_received": (plan.world - 1) * t_local * hkv * kv_row,
-        "union_fraction": plan.union_fraction, "union_fraction_max": plan.union_fraction_max,
-        "density": density, "world_size": plan.world,
-        # Backward: the re-fetch, then each fetched row's dK/dV back to its owner.
-        "bwd_bytes_sent": refetch_sent + recv * grad_row,
-        "bwd_bytes_received": refetch_recv + sent * grad_row,
+        "bytes_sent": sent * kv_row, "bytes_received": received * kv_row,
+        "bwd_bytes_sent": again * sent * kv_row + received * grad_row,
+        "bwd_bytes_received": again * received * kv_row + sent * grad_row,
     }  # fmt: skip

@@ -1,0 +1,336 @@
+"""Issue 13's offline tile sweep: check and time the routed kernels' launch shapes on one GPU.
+
+For each case it builds the op's own routing (gate, plan), then times the forward kernels, the
+dK/dV and the dQ kernels for every candidate tile shape, checks each result against the default
+shape's, and times the plan build and the dense Triton yardstick. One JSON line per measurement
+goes to ``--out`` (and stdout); the chosen shapes are committed in ``plan_types`` by hand.
+
+    PYTHONPATH=. python benchmarks/kernel_sweep.py --out DIR [--cases h32-32k,...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from benchmarks.moba_bench.common import median_ms, moba_flops, rel_err
+from benchmarks.moba_bench.triton_dense import dense_triton_fwd, dense_triton_fwd_bwd
+from moba_dist.kernels import triton_bwd, triton_moba
+from moba_dist.kernels.blocks import BlockLayout
+from moba_dist.kernels.plan_types import BwdConfig, FwdConfig, TileConfig
+from moba_dist.kernels.triton_fwd import fwd_chunks
+from moba_dist.ops import _problem, moba_route
+
+K = 1024
+CASES = {  # name: (lens, hq, hkv, d, block, topk)
+    "h32-32k": ([32 * K], 32, 32, 128, 512, 3),
+    "h16-128k": ([128 * K], 16, 16, 128, 512, 3),
+    "gqa-128k-b512": ([128 * K], 32, 8, 128, 512, 8),
+    "h32-128k-b4096": ([128 * K], 32, 32, 128, 4096, 12),
+    "fm-128k": ([128 * K] * 2, 16, 16, 128, 128, 8),
+    "d64-32k": ([32 * K], 32, 8, 64, 512, 3),
+    "d256-32k": ([32 * K], 16, 4, 256, 512, 3),
+    "d96-32k": ([32 * K], 32, 8, 96, 512, 3),
+}
+FWD = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 4)]
+DKDV = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)]
+DQ = [(128, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (64, 32, 4, 3)]
+SMALL_D = {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    256: [(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+    96: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+}
+LAYOUTS = ("token", "head")
+
+
+def kv_layout(x, layout):
+    """``x [T, Hkv, D]`` stored token-major (as given) or head-major (a transposed copy)."""
+    return x if layout == "token" else x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def emit(out, **row):
+    line = json.dumps(row)
+    print(line, flush=True)
+    out.write(line + "\n")
+    out.flush()
+
+
+def build(name, dev):
+    lens, hq, hkv, d, block, topk = CASES[name]
+    t = sum(lens)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, do = (
+        torch.randn(t, h, d, generator=g, device=dev, dtype=torch.bfloat16)
+        for h in (hq, hkv, hkv, hq)
+    )
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    layout = BlockLayout.build(cu, block)
+    sel = moba_route(q, k, layout, topk)
+    prob = triton_moba._int64_problem(_problem(layout, sel, d**-0.5))
+    flops = moba_flops(lens, hq, d, block, topk)[0]
+    return q, k, v, do, prob, flops
+
+
+def old_plan(sel, num_blocks, hkv):
+    """The 64-bit composite-key sort the plan used before (timing comparison only)."""
+    tq, hq, topk = sel.shape
+    n = tq * hq * topk
+    key = torch.arange(n, device=sel.device) // topk % hq // (hq // hkv)
+    flat = sel.reshape(-1)
+    key += flat.to(torch.int64) * hkv
+    key.masked_fill_(flat < 0, num_blocks * hkv)
+    return torch.sort(key * n + torch.arange(n, device=sel.device)).values
+
+
+def sweep_case(name, dev, out, reps):
+    q, k, v, do, prob, flops = build(name, dev)
+    d = q.shape[-1]
+    hkv = k.shape[1]
+    plan = triton_moba.plan_entries(prob.sel, prob.num_blocks, hkv)
+    ms_new = median_ms(lambda: triton_moba.plan_entries(prob.sel, prob.num_blocks, hkv), reps, dev)
+    ms_old = median_ms(lambda: old_plan(prob.sel, prob.num_blocks, hkv), reps, dev)
+    same = bool(torch.equal(old_plan(prob.sel, prob.num_blocks, hkv), plan.comp))
+    emit(
+        out,
+        case=name,
+        what="plan",
+        ms_new=ms_new,
+        ms_old=ms_old,
+        identical=same,
+        entries=plan.num_entries,
+        groups=plan.num_groups,
+    )
+    fwd_list = SMALL_D.get(d, FWD)
+    ref_out = None
+    for cfg, lay in [(c, x) for c in fwd_list for x in LAYOUTS]:
+        fc = FwdConfig(tiles={d: TileConfig(*cfg)})
+        kl, vl = kv_layout(k, lay), kv_layout(v, lay)
+        try:
+            o, lse = fwd_chunks(q, kl, vl, prob, plan, fc)
+            if ref_out is None:
+                ref_out, ref_lse = o, lse
+            ms = median_ms(lambda fc=fc: fwd_chunks(q, kl, vl, prob, plan, fc), reps, dev)  # noqa: B023
+            emit(
+                out,
+                case=name,
+                what="fwd",
+                cfg=cfg,
+                layout=lay,
+                ms=ms,
+                tflops=flops / ms / 1e9,
+                err=rel_err(o, ref_out),
+                lse_err=float((lse - ref_lse).abs().max()),
+            )
+        except Exception as e:
+            emit(out, case=name, what="fwd", cfg=cfg, error=f"{type(e).__name__}: {e}"[:300])
+    o, lse = ref_out, ref_lse
+    lse2 = torch.empty(q.shape[0] * q.shape[1], dtype=torch.float32, device=dev)
+    delta = torch.empty_like(lse2)
+    tq, hq, _ = q.shape
+    triton_bwd._prep_kernel[(triton_bwd.math.ceil(tq * hq / 32),)](
+        do,
+        o,
+        lse,
+        lse2,
+        lse2,
+        delta,
+        tq,
+        hq,
+        tq * hq,
+        D=d,
+        DP=triton_moba.padded_dim(d),
+        BLOCK_R=32,
+        HAS_DLSE=False,
+    )
+    base = None
+    for cfg in SMALL_D.get(d, DKDV):
+        bc = BwdConfig(dkdv={d: TileConfig(*cfg)})
+
+        def run(bc=bc):
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            triton_bwd._dkdv(q, k, v, do, lse2, delta, prob, plan, bc, dk, dv)
+            return dk
+
+        try:
+            dk = run()
+            base = dk if base is None else base
+            ms = median_ms(run, reps, dev)
+            emit(
+                out,
+                case=name,
+                what="dkdv",
+                cfg=cfg,
+                ms=ms,
+                tflops=1.0 * flops / ms / 1e9,
+                err=rel_err(dk, base),
+            )
+        except Exception as e:
+            emit(out, case=name, what="dkdv", cfg=cfg, error=f"{type(e).__name__}: {e}"[:300])
+    base = None
+    for cfg, lay in [(c, x) for c in SMALL_D.get(d, DQ) for x in LAYOUTS]:
+        bc = BwdConfig(dq={d: TileConfig(*cfg)})
+        kl, vl = kv_layout(k, lay), kv_layout(v, lay)
+
+        def run_dq(bc=bc, kl=kl, vl=vl):
+            dq = torch.empty_like(q)
+            triton_bwd._dq(q, kl, vl, do, lse2, delta, prob, plan, bc, dq)
+            return dq
+
+        try:
+            dq = run_dq()
+            base = dq if base is None else base
+            ms = median_ms(run_dq, reps, dev)
+            emit(
+                out,
+                case=name,
+                what="dq",
+                cfg=cfg,
+                layout=lay,
+                ms=ms,
+                tflops=0.75 * flops / ms / 1e9,
+                err=rel_err(dq, base),
+            )
+        except Exception as e:
+            emit(out, case=name, what="dq", cfg=cfg, error=f"{type(e).__name__}: {e}"[:300])
+    torch.cuda.empty_cache()
+
+
+def check_small(dev, out):
+    """bf16 kernels vs the float32 reference, and the bf16 torch reference's own error."""
+    from moba_dist import moba_attn_varlen
+
+    for d in (64, 96, 128, 256):
+        for lens, block, hq, hkv, topk in (([3000, 1500], 256, 8, 2, 3), ([4096], 1024, 4, 4, 2)):
+            t = sum(lens)
+            g = torch.Generator(device=dev).manual_seed(d)
+            xs = [torch.randn(t, h, d, generator=g, device=dev) for h in (hq, hkv, hkv, hq)]
+            cu = torch.tensor(
+                [0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev
+            )
+            res = {}
+            for tag, backend, dt in (
+                ("f32", "reference", torch.float32),
+                ("bf16_ref", "reference", torch.bfloat16),
+                ("bf16_triton", "triton", torch.bfloat16),
+            ):
+                lq, lk, lv = (x.detach().to(dt).requires_grad_() for x in xs[:3])
+                o = moba_attn_varlen(
+                    lq,
+                    lk,
+                    lv,
+                    cu,
+                    max(lens),
+                    moba_chunk_size=block,
+                    moba_topk=topk,
+                    backend=backend,
+                )
+                o.backward(xs[3].to(dt))
+                res[tag] = [o.float(), lq.grad.float(), lk.grad.float(), lv.grad.float()]
+            for tag in ("bf16_ref", "bf16_triton"):
+                emit(
+                    out,
+                    what="check",
+                    d=d,
+                    lens=lens,
+                    block=block,
+                    tag=tag,
+                    errs=[rel_err(a, b) for a, b in zip(res[tag], res["f32"], strict=True)],
+                )
+
+
+def dense_yardstick(dev, out, reps):
+    import torch.nn.functional as F
+
+    for s, h in ((4096, 4), (32 * K, 32), (128 * K, 32)):
+        g = torch.Generator(device=dev).manual_seed(1)
+        q, k, v, do = (
+            torch.randn(1, h, s, 128, generator=g, device=dev, dtype=torch.bfloat16)
+            for _ in range(4)
+        )
+        flops = 4.0 * 128 * h * s * (s + 1) / 2
+        if s == 4096:
+            o, _ = dense_triton_fwd(q, k, v)
+            lq, lk, lv = (x.clone().requires_grad_() for x in (q, k, v))
+            F.scaled_dot_product_attention(lq, lk, lv, is_causal=True).backward(do)
+            got = dense_triton_fwd_bwd(q, k, v, do)
+            want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            emit(
+                out,
+                what="dense-check",
+                out_err=rel_err(o, want),
+                grad_errs=[rel_err(a, b.grad) for a, b in zip(got, (lq, lk, lv), strict=True)],
+            )
+            continue
+        for ft in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3)):
+            ms = median_ms(lambda ft=ft: dense_triton_fwd(q, k, v, ft), reps, dev)  # noqa: B023
+            emit(out, what="dense-fwd", s=s, h=h, cfg=ft, ms=ms, tflops=flops / ms / 1e9)
+        for dk_t, dq_t in (
+            ((64, 64, 4, 2), (128, 32, 8, 3)),
+            ((64, 128, 8, 3), (128, 32, 8, 3)),
+            ((32, 64, 4, 3), (128, 64, 8, 2)),
+            ((64, 64, 4, 3), (128, 32, 8, 4)),
+        ):
+            ms = median_ms(
+                lambda a=dk_t, b=dq_t: dense_triton_fwd_bwd(q, k, v, do, (128, 64, 8, 3), a, b),  # noqa: B023
+                reps,
+                dev,
+            )
+            emit(
+                out,
+                what="dense-fwdbwd",
+                s=s,
+                h=h,
+                cfg=[dk_t, dq_t],
+                ms=ms,
+                tflops=3.5 * flops / ms / 1e9,
+            )
+
+
+def profile(dev, out_dir, names):
+    """Per-kernel device time of the public op's fwd+bwd (the tool's profile table)."""
+    from benchmarks.moba_bench.cases import CASES as TOOL_CASES
+    from benchmarks.moba_bench.local import profile_table
+
+    for name in names.split(","):
+        table = profile_table(TOOL_CASES[name], dev, "triton", rows=25)
+        with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
+            f.write(table)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--skip", default="")
+    ap.add_argument("--profile", default="h32-32k,h32-128k-b4096")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    t0 = time.time()
+    with open(os.path.join(args.out, "sweep.jsonl"), "w") as out:
+        emit(out, what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+        for part in ("check", "cases", "dense", "profile"):
+            if part in args.skip.split(","):
+                continue
+            try:
+                if part == "check":
+                    check_small(dev, out)
+                elif part == "dense":
+                    dense_yardstick(dev, out, args.reps)
+                elif part == "profile":
+                    profile(dev, args.out, args.profile)
+                else:
+                    for name in args.cases.split(","):
+                        sweep_case(name, dev, out, args.reps)
+                        emit(out, what="elapsed", s=time.time() - t0)
+            except Exception as e:
+                emit(out, what="part-error", part=part, error=f"{type(e).__name__}: {e}"[:500])
+
+
+if __name__ == "__main__":
+    main()
