@@ -75,15 +75,57 @@ def build(name, dev):
     return q, k, v, do, prob, flops
 
 
-def old_plan(sel, num_blocks, hkv):
-    """The 64-bit composite-key sort the plan used before (timing comparison only)."""
-    tq, hq, topk = sel.shape
-    n = tq * hq * topk
-    key = torch.arange(n, device=sel.device) // topk % hq // (hq // hkv)
-    flat = sel.reshape(-1)
-    key += flat.to(torch.int64) * hkv
-    key.masked_fill_(flat < 0, num_blocks * hkv)
-    return torch.sort(key * n + torch.arange(n, device=sel.device)).values
+def time_variants(out, name, what, variants, flops, reps, dev):
+    """Check and time each ``(tags, run)`` of ``variants``: ``run()`` returns tensors, compared
+    with the first variant that ran (``err``: the first tensor, ``lse_err``: a second one)."""
+    base = None
+    for tags, run in variants:
+        try:
+            got = run()
+            base = got if base is None else base
+            ms = median_ms(run, reps, dev)
+            row = dict(ms=ms, tflops=flops / ms / 1e9, err=rel_err(got[0], base[0]))
+            if len(got) > 1:
+                row["lse_err"] = float((got[1] - base[1]).abs().max())
+            emit(out, case=name, what=what, **tags, **row)
+        except Exception as e:
+            emit(out, case=name, what=what, **tags, error=f"{type(e).__name__}: {e}"[:300])
+    return base
+
+
+def fwd_variants(q, k, v, prob, plan, cfgs):
+    for cfg, lay in [(c, x) for c in cfgs for x in LAYOUTS]:
+        fc = FwdConfig(tiles={q.shape[-1]: TileConfig(*cfg)})
+        kl, vl = kv_layout(k, lay), kv_layout(v, lay)
+        yield (
+            dict(cfg=cfg, layout=lay),
+            lambda fc=fc, kl=kl, vl=vl: fwd_chunks(q, kl, vl, prob, plan, fc),
+        )
+
+
+def dkdv_variants(q, k, v, do, lse2, delta, prob, plan, cfgs):
+    for cfg in cfgs:
+        bc = BwdConfig(dkdv={q.shape[-1]: TileConfig(*cfg)})
+
+        def run(bc=bc):
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            triton_bwd._dkdv(q, k, v, do, lse2, delta, prob, plan, bc, dk, dv)
+            return (dk,)
+
+        yield dict(cfg=cfg), run
+
+
+def dq_variants(q, k, v, do, lse2, delta, prob, plan, cfgs):
+    for cfg, lay in [(c, x) for c in cfgs for x in LAYOUTS]:
+        bc = BwdConfig(dq={q.shape[-1]: TileConfig(*cfg)})
+        kl, vl = kv_layout(k, lay), kv_layout(v, lay)
+
+        def run(bc=bc, kl=kl, vl=vl):
+            dq = torch.empty_like(q)
+            triton_bwd._dq(q, kl, vl, do, lse2, delta, prob, plan, bc, dq)
+            return (dq,)
+
+        yield dict(cfg=cfg, layout=lay), run
 
 
 def sweep_case(name, dev, out, reps):
@@ -91,111 +133,15 @@ def sweep_case(name, dev, out, reps):
     d = q.shape[-1]
     hkv = k.shape[1]
     plan = triton_moba.plan_entries(prob.sel, prob.num_blocks, hkv)
-    ms_new = median_ms(lambda: triton_moba.plan_entries(prob.sel, prob.num_blocks, hkv), reps, dev)
-    ms_old = median_ms(lambda: old_plan(prob.sel, prob.num_blocks, hkv), reps, dev)
-    same = bool(torch.equal(old_plan(prob.sel, prob.num_blocks, hkv), plan.comp))
-    emit(
-        out,
-        case=name,
-        what="plan",
-        ms_new=ms_new,
-        ms_old=ms_old,
-        identical=same,
-        entries=plan.num_entries,
-        groups=plan.num_groups,
-    )
-    fwd_list = SMALL_D.get(d, FWD)
-    ref_out = None
-    for cfg, lay in [(c, x) for c in fwd_list for x in LAYOUTS]:
-        fc = FwdConfig(tiles={d: TileConfig(*cfg)})
-        kl, vl = kv_layout(k, lay), kv_layout(v, lay)
-        try:
-            o, lse = fwd_chunks(q, kl, vl, prob, plan, fc)
-            if ref_out is None:
-                ref_out, ref_lse = o, lse
-            ms = median_ms(lambda fc=fc: fwd_chunks(q, kl, vl, prob, plan, fc), reps, dev)  # noqa: B023
-            emit(
-                out,
-                case=name,
-                what="fwd",
-                cfg=cfg,
-                layout=lay,
-                ms=ms,
-                tflops=flops / ms / 1e9,
-                err=rel_err(o, ref_out),
-                lse_err=float((lse - ref_lse).abs().max()),
-            )
-        except Exception as e:
-            emit(out, case=name, what="fwd", cfg=cfg, error=f"{type(e).__name__}: {e}"[:300])
-    o, lse = ref_out, ref_lse
-    lse2 = torch.empty(q.shape[0] * q.shape[1], dtype=torch.float32, device=dev)
-    delta = torch.empty_like(lse2)
-    tq, hq, _ = q.shape
-    triton_bwd._prep_kernel[(triton_bwd.math.ceil(tq * hq / 32),)](
-        do,
-        o,
-        lse,
-        lse2,
-        lse2,
-        delta,
-        tq,
-        hq,
-        tq * hq,
-        D=d,
-        DP=triton_moba.padded_dim(d),
-        BLOCK_R=32,
-        HAS_DLSE=False,
-    )
-    base = None
-    for cfg in SMALL_D.get(d, DKDV):
-        bc = BwdConfig(dkdv={d: TileConfig(*cfg)})
-
-        def run(bc=bc):
-            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            triton_bwd._dkdv(q, k, v, do, lse2, delta, prob, plan, bc, dk, dv)
-            return dk
-
-        try:
-            dk = run()
-            base = dk if base is None else base
-            ms = median_ms(run, reps, dev)
-            emit(
-                out,
-                case=name,
-                what="dkdv",
-                cfg=cfg,
-                ms=ms,
-                tflops=1.0 * flops / ms / 1e9,
-                err=rel_err(dk, base),
-            )
-        except Exception as e:
-            emit(out, case=name, what="dkdv", cfg=cfg, error=f"{type(e).__name__}: {e}"[:300])
-    base = None
-    for cfg, lay in [(c, x) for c in SMALL_D.get(d, DQ) for x in LAYOUTS]:
-        bc = BwdConfig(dq={d: TileConfig(*cfg)})
-        kl, vl = kv_layout(k, lay), kv_layout(v, lay)
-
-        def run_dq(bc=bc, kl=kl, vl=vl):
-            dq = torch.empty_like(q)
-            triton_bwd._dq(q, kl, vl, do, lse2, delta, prob, plan, bc, dq)
-            return dq
-
-        try:
-            dq = run_dq()
-            base = dq if base is None else base
-            ms = median_ms(run_dq, reps, dev)
-            emit(
-                out,
-                case=name,
-                what="dq",
-                cfg=cfg,
-                layout=lay,
-                ms=ms,
-                tflops=0.75 * flops / ms / 1e9,
-                err=rel_err(dq, base),
-            )
-        except Exception as e:
-            emit(out, case=name, what="dq", cfg=cfg, error=f"{type(e).__name__}: {e}"[:300])
+    ms = median_ms(lambda: triton_moba.plan_entries(prob.sel, prob.num_blocks, hkv), reps, dev)
+    emit(out, case=name, what="plan", ms=ms, entries=plan.num_entries, groups=plan.num_groups)
+    fwd = fwd_variants(q, k, v, prob, plan, SMALL_D.get(d, FWD))
+    o, lse = time_variants(out, name, "fwd", fwd, flops, reps, dev)
+    lse2, delta = triton_bwd.prep_rows(do, o, lse)
+    dkdv = dkdv_variants(q, k, v, do, lse2, delta, prob, plan, SMALL_D.get(d, DKDV))
+    time_variants(out, name, "dkdv", dkdv, flops, reps, dev)
+    dq = dq_variants(q, k, v, do, lse2, delta, prob, plan, SMALL_D.get(d, DQ))
+    time_variants(out, name, "dq", dq, 0.75 * flops, reps, dev)
     torch.cuda.empty_cache()
 
 

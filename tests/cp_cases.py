@@ -7,7 +7,13 @@ import torch
 
 from moba_dist import moba_attn_varlen
 
-__all__ = ["ByteCounter", "make_inputs", "reference", "seq_lens"]
+__all__ = [
+    "ByteCounter",
+    "grads_plain_twice_then_checkpointed",
+    "make_inputs",
+    "reference",
+    "seq_lens",
+]
 
 
 def seq_lens(world: int, layout: str) -> list[int]:
@@ -59,3 +65,22 @@ class ByteCounter:
         self.received += row * (sum(recv_counts) - recv_counts[self.rank])
         self.calls += 1
         return self.fn(send, send_counts, recv_counts, group, *args, **kw)
+
+
+def grads_plain_twice_then_checkpointed(mod, q, k, v, dout, cu, sh: dict) -> list[list]:
+    """Local ``[dq, dk, dv]`` of ``mod`` on this rank's shards (``sh``: shard's keywords) for
+    two plain forward+backward passes and one under non-reentrant activation checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    from moba_dist.parallel import shard
+
+    grads = []
+    for use_ckpt in (False, False, True):
+        leaves = [shard(x, cu, **sh).clone().requires_grad_() for x in (q, k, v)]
+        if use_ckpt:
+            out = checkpoint(mod, *leaves, cu, use_reentrant=False)
+        else:
+            out = mod(*leaves, cu)
+        out.backward(shard(dout, cu, **sh))
+        grads.append([x.grad for x in leaves])
+    return grads

@@ -12,7 +12,7 @@ import cp_cases
 import pytest
 import torch
 import torch.distributed as dist
-from cp_cases import make_inputs, reference, seq_lens
+from cp_cases import grads_plain_twice_then_checkpointed, make_inputs, reference, seq_lens
 from dist_utils import run_world
 
 from moba_dist import MoBAContextParallel
@@ -113,23 +113,13 @@ def test_streamed_matches_single_device(world):
 
 
 def _checkpoint_and_determinism_worker(rank, world):
-    from torch.utils.checkpoint import checkpoint
-
     torch.use_deterministic_algorithms(True)  # no op of the streamed path may refuse it
     q, k, v, dout, cu = make_global(seq_lens(world, "zigzag"), 2, seed=5)
     sh = dict(rank=rank, world_size=world, layout="zigzag")
     mod = MoBAContextParallel(
         5, 3, layout="zigzag", strategy="streamed", backend="reference", max_fetch_bytes=4 * ROW
     )
-    grads = []
-    for use_ckpt in (False, False, True):
-        leaves = [shard(x, cu, **sh).clone().requires_grad_() for x in (q, k, v)]
-        if use_ckpt:
-            out = checkpoint(mod, *leaves, cu, use_reentrant=False)
-        else:
-            out = mod(*leaves, cu)
-        out.backward(shard(dout, cu, **sh))
-        grads.append([x.grad for x in leaves])
+    grads = grads_plain_twice_then_checkpointed(mod, q, k, v, dout, cu, sh)
     for a, b in zip(grads[0], grads[1], strict=True):
         assert torch.equal(a, b), "gradients are not bitwise repeatable"
     for a, b in zip(grads[0], grads[2], strict=True):

@@ -52,13 +52,15 @@ def sdpa_call(name: str, q, k, v, causal: bool = True) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def _batch_heads_major(b: int, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """Packed ``[T, H, D]`` of ``b`` equal sequences -> contiguous ``[B, H, S, D]``."""
+    return [x.view(b, -1, *x.shape[1:]).transpose(1, 2).contiguous() for x in xs]
+
+
 def sdpa_fns(name: str, q, k, v, do, lens) -> tuple[Callable, Callable]:
     """(forward, forward+backward) of dense causal SDPA on ``len(lens)`` equal sequences of
     packed ``[T, H, D]`` inputs."""
-    b = len(lens)
-    qh, kh, vh, doh = (
-        x.view(b, -1, *x.shape[1:]).transpose(1, 2).contiguous() for x in (q, k, v, do)
-    )
+    qh, kh, vh, doh = _batch_heads_major(len(lens), q, k, v, do)
     lq, lk, lv = (x.detach().clone().requires_grad_() for x in (qh, kh, vh))
 
     def fwd():
@@ -75,10 +77,7 @@ def triton_dense_fns(q, k, v, do, lens) -> tuple[Callable, Callable]:
     """(forward, forward+backward) of the dense Triton yardstick on equal sequences."""
     from .triton_dense import dense_triton_fwd, dense_triton_fwd_bwd
 
-    b = len(lens)
-    qh, kh, vh, doh = (
-        x.view(b, -1, *x.shape[1:]).transpose(1, 2).contiguous() for x in (q, k, v, do)
-    )
+    qh, kh, vh, doh = _batch_heads_major(len(lens), q, k, v, do)
     return (lambda: dense_triton_fwd(qh, kh, vh)), (lambda: dense_triton_fwd_bwd(qh, kh, vh, doh))
 
 

@@ -27,7 +27,7 @@ from moba_dist.kernels.plan_types import DEFAULT_BWD, BwdConfig, EntryPlan, Rout
 from moba_dist.kernels.triton_fwd import load_kv_tile, tile_dot
 from moba_dist.kernels.triton_moba import chunk_tiles, padded_dim, tile_table, token_chunks
 
-__all__ = ["bwd_all", "dkdv_tile_step", "dq_tile_step"]
+__all__ = ["bwd_all", "dkdv_tile_step", "dq_tile_step", "prep_rows"]
 
 _LOG2E = 1.4426950408889634
 _PREP_ROWS = 32
@@ -347,6 +347,22 @@ def _dq(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg, d
         )
 
 
+def prep_rows(
+    dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row ``t * Hq + h``: ``lse2`` (base-2 lse, +inf for key-less rows) and
+    ``delta = rowsum(dout * out) - dlse``, both float32 ``[Tq * Hq]``; contiguous inputs."""
+    tq, hq, d = out.shape
+    lse2 = torch.empty(tq * hq, dtype=torch.float32, device=out.device)
+    delta = torch.empty_like(lse2)
+    dlse_f = None if dlse is None else dlse.float().contiguous()
+    _prep_kernel[(math.ceil(tq * hq / _PREP_ROWS),)](
+        dout, out, lse.float().contiguous(), lse2 if dlse_f is None else dlse_f, lse2, delta,
+        tq, hq, tq * hq, D=d, DP=padded_dim(d), BLOCK_R=_PREP_ROWS, HAS_DLSE=dlse_f is not None,
+    )  # fmt: skip
+    return lse2, delta
+
+
 def bwd_all(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -362,20 +378,14 @@ def bwd_all(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in ``grad_dtype`` (contiguous inputs, int64
     positions and block rows in ``prob``)."""
-    tq, hq, d = q.shape
+    tq = q.shape[0]
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     # Key rows no query selected get no program: they must start at zero.
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=grad_dtype, device=v.device)
     if tq == 0 or k.shape[0] == 0:
         return dq.zero_(), dk, dv
-    lse2 = torch.empty(tq * hq, dtype=torch.float32, device=q.device)
-    delta = torch.empty_like(lse2)
-    dlse_f = None if dlse is None else dlse.float().contiguous()
-    _prep_kernel[(math.ceil(tq * hq / _PREP_ROWS),)](
-        dout, out, lse.float().contiguous(), lse2 if dlse_f is None else dlse_f, lse2, delta,
-        tq, hq, tq * hq, D=d, DP=padded_dim(d), BLOCK_R=_PREP_ROWS, HAS_DLSE=dlse_f is not None,
-    )  # fmt: skip
+    lse2, delta = prep_rows(dout, out, lse, dlse)
     _dkdv(q, k, v, dout, lse2, delta, prob, plan, config, dk, dv)
     _dq(q, k, v, dout, lse2, delta, prob, plan, config, dq)
     return dq, dk, dv

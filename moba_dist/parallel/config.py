@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moba_dist.config import check_backend, check_gate_precision, check_positive_int, check_scale
+from moba_dist.config import MoBAConfig, check_positive_int
 from moba_dist.parallel.layouts import LAYOUTS
 
 __all__ = ["STRATEGIES", "CPConfig"]
@@ -41,11 +41,12 @@ class CPConfig:
     max_fetch_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        check_positive_int("moba_chunk_size", self.moba_chunk_size)
-        check_positive_int("moba_topk", self.moba_topk)
-        check_scale(self.softmax_scale)
-        check_backend(self.backend)
-        check_gate_precision(self.gate_precision)
+        # The fields one layer shares with MoBAConfig are validated there, with its messages.
+        MoBAConfig(
+            moba_chunk_size=self.moba_chunk_size, moba_topk=self.moba_topk,
+            softmax_scale=self.softmax_scale, backend=self.backend,
+            gate_precision=self.gate_precision,
+        )  # fmt: skip
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.strategy not in STRATEGIES:
