@@ -115,6 +115,7 @@ class FwdConfig:
     )
     partial_dtype: torch.dtype | None = None
     chunk_elems: int = 1 << 28
+    pointer_step: bool = False
 
     def __post_init__(self) -> None:
         _check_table("FwdConfig.tiles", self.tiles)
@@ -161,6 +162,8 @@ class BwdConfig:
     )
     slab_elems: int = 1 << 28
     chunk_elems: int = 1 << 28
+    pointer_step: bool = False
+    dkdv_mask_skip: bool = False
 
     def __post_init__(self) -> None:
         _check_table("BwdConfig.dkdv", self.dkdv)
