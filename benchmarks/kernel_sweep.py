@@ -36,18 +36,20 @@ CASES = {  # name: (lens, hq, hkv, d, block, topk)
     "d256-32k": ([32 * K], 16, 4, 256, 512, 3),
     "d96-32k": ([32 * K], 32, 8, 96, 512, 3),
 }
-# Tile shapes x the loop variants of issue 13's second round: forward and dQ with K/V pointers
-# advanced per tile (``pointer_step``) or derived from the counter; dK/dV with the causal mask
-# skipped on tiles every key of which is visible (``dkdv_mask_skip``).
-FWD = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
-DKDV = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (128, 64, 8, 2)]
-DQ = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]
+FWD = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3)]
+DKDV = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)]
+DQ = [(128, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (64, 32, 4, 3)]
 SMALL_D = {
     64: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     256: [(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
     96: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
-FLAGS = (False, True)
+LAYOUTS = ("token", "head")
+
+
+def kv_layout(x, layout):
+    """``x [T, Hkv, D]`` stored token-major (as given) or head-major (a transposed copy)."""
+    return x if layout == "token" else x.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 def emit(out, **row):
@@ -92,33 +94,38 @@ def time_variants(out, name, what, variants, flops, reps, dev):
 
 
 def fwd_variants(q, k, v, prob, plan, cfgs):
-    for cfg, step in [(c, f) for c in cfgs for f in FLAGS]:
-        fc = FwdConfig(tiles={q.shape[-1]: TileConfig(*cfg)}, pointer_step=step)
-        yield dict(cfg=cfg, pointer_step=step), lambda fc=fc: fwd_chunks(q, k, v, prob, plan, fc)
+    for cfg, lay in [(c, x) for c in cfgs for x in LAYOUTS]:
+        fc = FwdConfig(tiles={q.shape[-1]: TileConfig(*cfg)})
+        kl, vl = kv_layout(k, lay), kv_layout(v, lay)
+        yield (
+            dict(cfg=cfg, layout=lay),
+            lambda fc=fc, kl=kl, vl=vl: fwd_chunks(q, kl, vl, prob, plan, fc),
+        )
 
 
 def dkdv_variants(q, k, v, do, lse2, delta, prob, plan, cfgs):
-    for cfg, skip in [(c, f) for c in cfgs for f in FLAGS]:
-        bc = BwdConfig(dkdv={q.shape[-1]: TileConfig(*cfg)}, dkdv_mask_skip=skip)
+    for cfg in cfgs:
+        bc = BwdConfig(dkdv={q.shape[-1]: TileConfig(*cfg)})
 
         def run(bc=bc):
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
             triton_bwd._dkdv(q, k, v, do, lse2, delta, prob, plan, bc, dk, dv)
             return (dk,)
 
-        yield dict(cfg=cfg, mask_skip=skip), run
+        yield dict(cfg=cfg), run
 
 
 def dq_variants(q, k, v, do, lse2, delta, prob, plan, cfgs):
-    for cfg, step in [(c, f) for c in cfgs for f in FLAGS]:
-        bc = BwdConfig(dq={q.shape[-1]: TileConfig(*cfg)}, pointer_step=step)
+    for cfg, lay in [(c, x) for c in cfgs for x in LAYOUTS]:
+        bc = BwdConfig(dq={q.shape[-1]: TileConfig(*cfg)})
+        kl, vl = kv_layout(k, lay), kv_layout(v, lay)
 
-        def run(bc=bc):
+        def run(bc=bc, kl=kl, vl=vl):
             dq = torch.empty_like(q)
-            triton_bwd._dq(q, k, v, do, lse2, delta, prob, plan, bc, dq)
+            triton_bwd._dq(q, kl, vl, do, lse2, delta, prob, plan, bc, dq)
             return (dq,)
 
-        yield dict(cfg=cfg, pointer_step=step), run
+        yield dict(cfg=cfg, layout=lay), run
 
 
 def sweep_case(name, dev, out, reps):
@@ -204,19 +211,29 @@ def dense_yardstick(dev, out, reps):
                 grad_errs=[rel_err(a, b.grad) for a, b in zip(got, (lq, lk, lv), strict=True)],
             )
             continue
-        for ft, step in [(t, f) for t in ((128, 64, 8, 3), (128, 32, 8, 3)) for f in FLAGS]:
-            ms = median_ms(lambda ft=ft, f=step: dense_triton_fwd(q, k, v, ft, f), reps, dev)  # noqa: B023
-            emit(out, what="dense-fwd", s=s, h=h, cfg=ft, pointer_step=step, ms=ms,
-                 tflops=flops / ms / 1e9)  # fmt: skip
-        for dk_t, dq_t in (((64, 64, 4, 2), (128, 32, 8, 3)), ((32, 64, 4, 3), (128, 64, 8, 2))):
-            for step in FLAGS:  # both loop variants together (pointer step and mask skip)
-
-                def run(a=dk_t, b=dq_t, f=step, x=(q, k, v, do)):
-                    return dense_triton_fwd_bwd(*x, (128, 64, 8, 3), a, b, f, f)
-
-                ms = median_ms(run, reps, dev)
-                emit(out, what="dense-fwdbwd", s=s, h=h, cfg=[dk_t, dq_t], variants=step, ms=ms,
-                     tflops=3.5 * flops / ms / 1e9)  # fmt: skip
+        for ft in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3)):
+            ms = median_ms(lambda ft=ft: dense_triton_fwd(q, k, v, ft), reps, dev)  # noqa: B023
+            emit(out, what="dense-fwd", s=s, h=h, cfg=ft, ms=ms, tflops=flops / ms / 1e9)
+        for dk_t, dq_t in (
+            ((64, 64, 4, 2), (128, 32, 8, 3)),
+            ((64, 128, 8, 3), (128, 32, 8, 3)),
+            ((32, 64, 4, 3), (128, 64, 8, 2)),
+            ((64, 64, 4, 3), (128, 32, 8, 4)),
+        ):
+            ms = median_ms(
+                lambda a=dk_t, b=dq_t: dense_triton_fwd_bwd(q, k, v, do, (128, 64, 8, 3), a, b),  # noqa: B023
+                reps,
+                dev,
+            )
+            emit(
+                out,
+                what="dense-fwdbwd",
+                s=s,
+                h=h,
+                cfg=[dk_t, dq_t],
+                ms=ms,
+                tflops=3.5 * flops / ms / 1e9,
+            )
 
 
 def profile(dev, out_dir, names):

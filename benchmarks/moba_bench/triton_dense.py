@@ -28,7 +28,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _dense_fwd(
     Q, K, V, OUT, LSE2, POS, S, H, HKV, scale_log2,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PTR_STEP: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     mb, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -44,16 +44,11 @@ def _dense_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    kp, vp = kb, vb
     for n0 in range(0, mb * BLOCK_M, BLOCK_N):
-        if not PTR_STEP:
-            kp, vp = kb + n0 * D, vb + n0 * D
         acc, m_i, l_i = fwd_tile_step(
-            acc, m_i, l_i, q, kp, vp, POS, offs, 0, ones, scale_log2, False, False, False,
-            BLOCK_N,
+            acc, m_i, l_i, q, kb + n0 * D, vb + n0 * D, POS, offs, 0, ones, scale_log2,
+            False, False, False, BLOCK_N,
         )  # fmt: skip
-        if PTR_STEP:
-            kp, vp = kp + BLOCK_N * D, vp + BLOCK_N * D
     for n0 in range(mb * BLOCK_M, (mb + 1) * BLOCK_M, BLOCK_N):
         acc, m_i, l_i = fwd_tile_step(
             acc, m_i, l_i, q, kb + n0 * D, vb + n0 * D, POS + n0 + tl.arange(0, BLOCK_N), offs,
@@ -69,7 +64,7 @@ def _dense_fwd(
 @triton.jit
 def _dense_dkdv(
     Q, K, V, DO, LSE2, DELTA, POS, DK, DV, S, H, HKV, scale_log2, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_SKIP: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     nb, bg = tl.program_id(0), tl.program_id(1)
     b, g = bg // HKV, bg % HKV
@@ -86,9 +81,8 @@ def _dense_dkdv(
         bh = (b * H + g * group + hh).to(tl.int64)
         for m0 in range(nb * BLOCK_N // BLOCK_M * BLOCK_M, S, BLOCK_M):
             dk, dv = dkdv_tile_step(
-                dk, dv, kt, vt, cols, nb * BLOCK_N + BLOCK_N - 1, Q + bh * S * D,
-                DO + bh * S * D, LSE2 + bh * S, DELTA + bh * S, POS, m0, 0, D, ones, scale_log2,
-                False, False, False, BLOCK_M, D, MASK_SKIP,
+                dk, dv, kt, vt, cols, Q + bh * S * D, DO + bh * S * D, LSE2 + bh * S,
+                DELTA + bh * S, POS, m0, 0, D, ones, scale_log2, False, False, False, BLOCK_M, D,
             )  # fmt: skip
     tl.store(DK + koff, (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + koff, dv.to(DV.dtype.element_ty))
@@ -97,7 +91,7 @@ def _dense_dkdv(
 @triton.jit
 def _dense_dq(
     Q, K, V, DO, LSE2, DELTA, POS, DQ, S, H, HKV, scale_log2, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PTR_STEP: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     mb, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -113,16 +107,11 @@ def _dense_dq(
     vb = V + kvbh * S * D + tile_off
     ones = dd < D
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    kp, vp = kb, vb
     for n0 in range(0, mb * BLOCK_M, BLOCK_N):
-        if not PTR_STEP:
-            kp, vp = kb + n0 * D, vb + n0 * D
         dq = dq_tile_step(
-            dq, q, do, lse2, delta, offs, kp, vp, POS, 0, ones, scale_log2, False, False, False,
-            BLOCK_N,
+            dq, q, do, lse2, delta, offs, kb + n0 * D, vb + n0 * D, POS, 0, ones, scale_log2,
+            False, False, False, BLOCK_N,
         )  # fmt: skip
-        if PTR_STEP:
-            kp, vp = kp + BLOCK_N * D, vp + BLOCK_N * D
     for n0 in range(mb * BLOCK_M, (mb + 1) * BLOCK_M, BLOCK_N):
         dq = dq_tile_step(
             dq, q, do, lse2, delta, offs, kb + n0 * D, vb + n0 * D,
@@ -138,12 +127,8 @@ def _check(q, k, tiles):
         raise ValueError(f"S={s} must be a multiple of the tiles {tiles}; got q {tuple(q.shape)}")
 
 
-def dense_triton_fwd(
-    q, k, v, tiles=(128, 64, 8, 3), ptr_step: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal ``out [B, H, S, D]`` and base-2 ``lse2 [B, H, S]``. ``ptr_step``: advance the
-    K/V pointers per tile instead of deriving them from the loop counter (as the routed
-    kernels' ``FwdConfig.pointer_step``)."""
+def dense_triton_fwd(q, k, v, tiles=(128, 64, 8, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal ``out [B, H, S, D]`` and base-2 ``lse2 [B, H, S]``."""
     bm, bn, warps, stages = tiles
     _check(q, k, (bm, bn))
     b, h, s, d = q.shape
@@ -152,17 +137,15 @@ def dense_triton_fwd(
     pos = torch.arange(s, device=q.device)
     _dense_fwd[(s // bm, b * h)](
         q, k, v, out, lse2, pos, s, h, k.shape[1], d**-0.5 * _LOG2E,
-        D=d, BLOCK_M=bm, BLOCK_N=bn, PTR_STEP=ptr_step, num_warps=warps, num_stages=stages,
+        D=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse2
 
 
 def dense_triton_fwd_bwd(q, k, v, do, fwd_tiles=(128, 64, 8, 3), dkdv_tiles=(64, 128, 8, 2),
-                         dq_tiles=(128, 64, 8, 2), ptr_step: bool = False,
-                         mask_skip: bool = False):  # fmt: skip
-    """Forward then backward: ``dq, dk, dv`` in the inputs' dtype (flags as the routed
-    kernels' ``pointer_step`` / ``dkdv_mask_skip``)."""
-    out, lse2 = dense_triton_fwd(q, k, v, fwd_tiles, ptr_step)
+                         dq_tiles=(128, 64, 8, 2)):  # fmt: skip
+    """Forward then backward: ``dq, dk, dv`` in the inputs' dtype."""
+    out, lse2 = dense_triton_fwd(q, k, v, fwd_tiles)
     b, h, s, d = q.shape
     hkv = k.shape[1]
     delta = (do.float() * out.float()).sum(-1)
@@ -173,12 +156,12 @@ def dense_triton_fwd_bwd(q, k, v, do, fwd_tiles=(128, 64, 8, 3), dkdv_tiles=(64,
     _check(q, k, (bm, bn))
     _dense_dkdv[(s // bn, b * hkv)](
         q, k, v, do, lse2, delta, pos, dk, dv, s, h, hkv, scale * _LOG2E, scale,
-        D=d, BLOCK_M=bm, BLOCK_N=bn, MASK_SKIP=mask_skip, num_warps=warps, num_stages=stages,
+        D=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     bm, bn, warps, stages = dq_tiles
     _check(q, k, (bm, bn))
     _dense_dq[(s // bm, b * h)](
         q, k, v, do, lse2, delta, pos, dq, s, h, hkv, scale * _LOG2E, scale,
-        D=d, BLOCK_M=bm, BLOCK_N=bn, PTR_STEP=ptr_step, num_warps=warps, num_stages=stages,
+        D=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dq, dk, dv

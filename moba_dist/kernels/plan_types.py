@@ -109,13 +109,12 @@ class FwdConfig:
         default_factory=lambda: {
             64: TileConfig(128, 64, 4, 3),
             96: TileConfig(128, 64, 8, 3),
-            128: TileConfig(128, 64, 8, 3),
+            128: TileConfig(128, 128, 8, 3),
             256: TileConfig(128, 32, 8, 2),
         }
     )
     partial_dtype: torch.dtype | None = None
     chunk_elems: int = 1 << 28
-    pointer_step: bool = False
 
     def __post_init__(self) -> None:
         _check_table("FwdConfig.tiles", self.tiles)
@@ -162,8 +161,6 @@ class BwdConfig:
     )
     slab_elems: int = 1 << 28
     chunk_elems: int = 1 << 28
-    pointer_step: bool = False
-    dkdv_mask_skip: bool = False
 
     def __post_init__(self) -> None:
         _check_table("BwdConfig.dkdv", self.dkdv)

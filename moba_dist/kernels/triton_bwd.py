@@ -99,14 +99,12 @@ def _dq_sum_kernel(
 
 @triton.jit
 def dkdv_tile_step(
-    dk, dv, kt, vt, kpos, kmax, QS, DOS, LSE2S, DELTAS, QPOSS, m0, n_left, slab_off, dmask,
-    scale_log2, MASK_M: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, DP: tl.constexpr, MASK_SKIP: tl.constexpr,
+    dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, m0, n_left, slab_off, dmask, scale_log2,
+    MASK_M: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    DP: tl.constexpr,
 ):  # fmt: skip
-    """One tile of BLOCK_M slab rows from ``m0`` against the program's keys (positions
-    ``kpos``, the largest ``kmax``). ``MASK_M``: only ``n_left`` rows remain (the group's last,
-    ragged tile). ``MASK_SKIP``: the causal mask is applied only when some row of the tile
-    precedes a key (``min(qpos) < kmax``), not to tiles every key of which is visible."""
+    """One tile of BLOCK_M slab rows from ``m0`` against the program's keys. ``MASK_M``: only
+    ``n_left`` rows remain (the group's last, ragged tile)."""
     rows = m0 + tl.arange(0, BLOCK_M)
     off = rows[:, None] * slab_off + tl.arange(0, DP)[None, :]
     if MASK_M:
@@ -129,12 +127,7 @@ def dkdv_tile_step(
     # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate as (keys x D) products. Key-less
     # rows carry lse2 = +inf (p = 0); keys past the block are never stored.
     st = tile_dot(kt, tl.trans(q), IEEE) * scale_log2
-    pt = tl.exp2(st - lse2[None, :])
-    if MASK_SKIP:
-        if tl.min(qpos, 0) < kmax:
-            pt = tl.where(kpos[:, None] <= qpos[None, :], pt, 0.0)
-    else:
-        pt = tl.where(kpos[:, None] <= qpos[None, :], pt, 0.0)
+    pt = tl.where(kpos[:, None] <= qpos[None, :], tl.exp2(st - lse2[None, :]), 0.0)
     dv += tile_dot(pt, do, IEEE)
     dpt = tile_dot(vt, tl.trans(do), IEEE)
     dk += tile_dot(pt * (dpt - delta[None, :]), q, IEEE)
@@ -146,7 +139,7 @@ def _dkdv_kernel(
     QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GOFF, GLO, GHI, NGROUP, NINDEX, DK, DV,
     ACCK, ACCV, RD_OFF, WR_OFF, b0, scale_log2, scale, HKV, K_ROW, K_HEAD,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, ACCUM: tl.constexpr, MASK_SKIP: tl.constexpr,
+    IEEE: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     grp = tl.load(NGROUP + pid)
@@ -159,7 +152,6 @@ def _dkdv_kernel(
     cols = tl.load(BROWS + blk) + inblk
     cvalid = cols < r1
     kpos = tl.load(KPOS + cols, mask=cvalid, other=0)
-    kmax = tl.max(kpos, 0)
     dd = tl.arange(0, DP)
     dmask = dd < D
     kmask = cvalid[:, None] & dmask[None, :]
@@ -176,14 +168,14 @@ def _dkdv_kernel(
     n_full = (s1 - s0) // BLOCK_M
     for i in range(n_full):
         dk, dv = dkdv_tile_step(
-            dk, dv, kt, vt, kpos, kmax, QS, DOS, LSE2S, DELTAS, QPOSS, s0 + i * BLOCK_M, 0, D,
-            dmask, scale_log2, False, DP != D, IEEE, BLOCK_M, DP, MASK_SKIP,
+            dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, s0 + i * BLOCK_M, 0, D, dmask,
+            scale_log2, False, DP != D, IEEE, BLOCK_M, DP,
         )  # fmt: skip
     m0 = s0 + n_full * BLOCK_M
     if m0 < s1:
         dk, dv = dkdv_tile_step(
-            dk, dv, kt, vt, kpos, kmax, QS, DOS, LSE2S, DELTAS, QPOSS, m0, s1 - m0, D, dmask,
-            scale_log2, True, DP != D, IEEE, BLOCK_M, DP, MASK_SKIP,
+            dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, m0, s1 - m0, D, dmask,
+            scale_log2, True, DP != D, IEEE, BLOCK_M, DP,
         )  # fmt: skip
     dk = dk * scale
     if ACCUM:
@@ -227,7 +219,7 @@ def _dq_kernel(
     Q, K, V, DO, LSE2, DELTA, QPOS, KPOS, BROWS, COMP, TGROUP, TSTART, TSTOP, TKEND, TKFREE,
     DQPART, e0, scale_log2, scale, HQ, HKV, KSEL, NENT, K_ROW, K_HEAD,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, PTR_STEP: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     grp = tl.load(TGROUP + pid)
@@ -256,27 +248,20 @@ def _dq_kernel(
     kbase = K + r0 * K_ROW + kvh.to(tl.int64) * K_HEAD
     vbase = V + r0 * K_ROW + kvh.to(tl.int64) * K_HEAD
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
-    kp, vp = kbase + tile_off, vbase + tile_off
-    adv = BLOCK_N * krow
     for i in range(n_full):
-        if not PTR_STEP:
-            kp, vp = kbase + i * adv + tile_off, vbase + i * adv + tile_off
+        step = i * BLOCK_N * krow
         dq = dq_tile_step(
-            dq, q, do, lse2, delta, qpos, kp, vp, KPOS, 0, dmask, scale_log2, False, DP != D,
-            IEEE, BLOCK_N,
+            dq, q, do, lse2, delta, qpos, kbase + step + tile_off, vbase + step + tile_off, KPOS,
+            0, dmask, scale_log2, False, DP != D, IEEE, BLOCK_N,
         )  # fmt: skip
-        if PTR_STEP:
-            kp, vp = kp + adv, vp + adv
     for i in range(n_full, n_all):
-        if not PTR_STEP:
-            kp, vp = kbase + i * adv + tile_off, vbase + i * adv + tile_off
+        step = i * BLOCK_N * krow
         n0 = r0 + i * BLOCK_N
         dq = dq_tile_step(
-            dq, q, do, lse2, delta, qpos, kp, vp, KPOS + n0 + tl.arange(0, BLOCK_N), kend - n0,
-            dmask, scale_log2, True, DP != D, IEEE, BLOCK_N,
+            dq, q, do, lse2, delta, qpos, kbase + step + tile_off, vbase + step + tile_off,
+            KPOS + n0 + tl.arange(0, BLOCK_N), kend - n0, dmask, scale_log2, True, DP != D, IEEE,
+            BLOCK_N,
         )  # fmt: skip
-        if PTR_STEP:
-            kp, vp = kp + adv, vp + adv
     local = ent - e0
     tl.store(
         DQPART + local[:, None] * D + dd[None, :], dq * scale, mask=rv[:, None] & dmask[None, :]
@@ -331,8 +316,7 @@ def _dkdv(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg,
             glo, ghi, group.to(torch.int32), index, dk, dv, acc_k, acc_v, (i % 2) * half,
             ((i + 1) % 2) * half, b0, scale * _LOG2E, scale, hkv, k.stride(0), k.stride(1),
             D=d, DP=padded_dim(d), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            IEEE=q.dtype == torch.float32, ACCUM=multi, MASK_SKIP=cfg.dkdv_mask_skip,
-            num_warps=tile.num_warps,
+            IEEE=q.dtype == torch.float32, ACCUM=multi, num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )  # fmt: skip
 
@@ -353,8 +337,7 @@ def _dq(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg, d
             scale * _LOG2E, scale, hq, plan.hkv, topk, plan.num_entries, k.stride(0), k.stride(1),
             D=d, DP=padded_dim(d),
             BLOCK_M=tile.block_m,
-            BLOCK_N=tile.block_n, IEEE=q.dtype == torch.float32, PTR_STEP=cfg.pointer_step,
-            num_warps=tile.num_warps,
+            BLOCK_N=tile.block_n, IEEE=q.dtype == torch.float32, num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )  # fmt: skip
         # Sum over the valid slots in slot order (deterministic), cast to dq's dtype on store.

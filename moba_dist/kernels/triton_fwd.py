@@ -87,7 +87,7 @@ def _fwd_kernel(
     Q, K, V, QPOS, KPOS, BROWS, COMP, TGROUP, TSTART, TSTOP, TKEND, TKFREE, OPART, LPART,
     e0, scale_log2, HQ, HKV, KSEL, NENT, K_ROW, K_HEAD,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, PTR_STEP: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     grp = tl.load(TGROUP + pid)
@@ -117,27 +117,20 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
-    kp, vp = kbase + tile_off, vbase + tile_off
-    adv = BLOCK_N * krow
     for i in range(n_full):
-        if not PTR_STEP:
-            kp, vp = kbase + i * adv + tile_off, vbase + i * adv + tile_off
+        step = i * BLOCK_N * krow
         acc, m_i, l_i = fwd_tile_step(
-            acc, m_i, l_i, q, kp, vp, KPOS, qpos, 0, dmask, scale_log2, False, DP != D, IEEE,
-            BLOCK_N,
+            acc, m_i, l_i, q, kbase + step + tile_off, vbase + step + tile_off, KPOS, qpos, 0,
+            dmask, scale_log2, False, DP != D, IEEE, BLOCK_N,
         )  # fmt: skip
-        if PTR_STEP:
-            kp, vp = kp + adv, vp + adv
     for i in range(n_full, n_all):
-        if not PTR_STEP:
-            kp, vp = kbase + i * adv + tile_off, vbase + i * adv + tile_off
+        step = i * BLOCK_N * krow
         n0 = r0 + i * BLOCK_N
         acc, m_i, l_i = fwd_tile_step(
-            acc, m_i, l_i, q, kp, vp, KPOS + n0 + tl.arange(0, BLOCK_N), qpos, kend - n0, dmask,
-            scale_log2, True, DP != D, IEEE, BLOCK_N,
+            acc, m_i, l_i, q, kbase + step + tile_off, vbase + step + tile_off,
+            KPOS + n0 + tl.arange(0, BLOCK_N), qpos, kend - n0, dmask, scale_log2,
+            True, DP != D, IEEE, BLOCK_N,
         )  # fmt: skip
-        if PTR_STEP:
-            kp, vp = kp + adv, vp + adv
     empty = l_i == 0.0
     lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), lse2 / 1.4426950408889634)
@@ -209,8 +202,7 @@ def fwd_chunks(
             tiles.stop, tiles.kend, tiles.kfree, opart, lpart, e0, prob.softmax_scale * _LOG2E,
             hq, plan.hkv, topk, plan.num_entries, k.stride(0), k.stride(1),
             D=d, DP=padded_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            IEEE=q.dtype == torch.float32, PTR_STEP=config.pointer_step,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         n_rows = (t1 - t0) * hq
         _merge_kernel[(math.ceil(n_rows / _MERGE_ROWS),)](
