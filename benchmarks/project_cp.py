@@ -4,6 +4,7 @@ MoBA, 128K-10M tokens, for every strategy and the dense baselines.
     python benchmarks/project_cp.py project --gpu h200 --tokens 1048576 --world 64 --alpha 1
     python benchmarks/project_cp.py sweep --gpu h200      # results/projection_sweep.*
     python benchmarks/project_cp.py sensitivity --gpu h200  # results/projection_sensitivity.md
+    python benchmarks/project_cp.py hot --gpu h200        # hot blocks: per-rank send bytes
 
 Selective rows: ``cp_model.py`` (expected over a Zipf routing model of concentration alpha).
 Bytes, time and memory: ``moba_dist.parallel.cost_model`` (the library's accounting; the one
@@ -32,7 +33,8 @@ from project_report import STRATEGIES, plot_sweep, sweep_markdown
 
 from moba_dist.parallel import cost_model as cost
 
-__all__ = ["STRATEGIES", "Case", "Compute", "all_costs", "load_compute", "main", "project"]
+__all__ = ["STRATEGIES", "Case", "Compute", "all_costs", "hot_blocks", "load_compute", "main",
+           "project"]  # fmt: skip
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Links of an 8-GPU HGX/DGX node (H100 and H200 share NVLink 4 and 400G NICs): NVLink 4 is
@@ -289,6 +291,61 @@ def project(case: Case, links: cost.Links, comp: Compute, cache: dict | None = N
     return out
 
 
+def _direction_ms(mat: torch.Tensor, links: cost.Links, way: str) -> float:
+    """ms of an exchange of ``mat`` counting only the ``way`` (``recv`` / ``sent``) side."""
+    c = links.by_class(mat)
+    t = torch.maximum(c[f"intra_{way}"] / links.nvlink_gbs, c[f"inter_{way}"] / links.net_gbs)
+    return float(t.max()) / 1e6 + links.latency_us / 1e3
+
+
+def hot_blocks(case: Case, links: cost.Links, cache: dict | None = None) -> dict:
+    """Hot blocks (issue 15 item 4): per-rank forward send bytes of ``selective`` (an owner of
+    blocks everyone selects sends them to all), their max / mean ratio, and the forward fetch's
+    ms bound by the busiest sender vs by the busiest receiver, flat over ``case.world`` ranks
+    and at the outer level of ``hybrid`` (one head slice across the nodes)."""
+    case = case.padded()
+    cache = {} if cache is None else cache
+    out = {}
+    levels = [("flat", case.world, case.hkv)]
+    if case.world > links.gpus_per_node and case.world % links.gpus_per_node == 0:
+        sub = links.gpus_per_node
+        levels.append(("hybrid-outer", case.world // sub,
+                       max(cost.head_spans(case.hq, case.hkv, sub)[1])))  # fmt: skip
+    for name, world, hkv in levels:
+        _, _, rows = traffic(case, cache, world)
+        shape = case.shape(world=world, hkv=hkv)
+        sel = cost.selective_traffic(shape, _t(rows) / case.hkv * hkv)
+        top, mean, ratio = cost.send_ratio(sel)
+        fetch = sel.phases["fwd_fetch"]
+        stride = links.gpus_per_node if name == "hybrid-outer" else 1
+        mat = torch.kron(fetch, torch.eye(stride, dtype=fetch.dtype))  # world-size ranks
+        out[name] = dict(world=world, send_max=top, send_mean=mean, send_ratio=ratio,
+                         recv_max=max(sel.per_rank("bytes_received")),
+                         send_ms=_direction_ms(mat, links, "sent"),
+                         recv_ms=_direction_ms(mat, links, "recv"))  # fmt: skip
+    return out
+
+
+def hot_markdown(a, shape: dict, links: cost.Links) -> str:
+    """Markdown table of :func:`hot_blocks` over ``--worlds`` x ``--alphas`` at ``--tokens``."""
+    head = ("| T | P | alpha | level | send max / mean | recv max / mean | send max / recv max "
+            "| fetch ms, send side | fetch ms, recv side | bound by |")  # fmt: skip
+    lines = [head, "|" + "---|" * 10]
+    for w in a.worlds:
+        cache: dict = {}
+        for alpha in a.alphas:
+            res = hot_blocks(Case(a.tokens, w, alpha=alpha, **shape), links, cache)
+            for level, h in res.items():
+                side = "send (hot owners)" if h["send_ms"] > h["recv_ms"] * 1.01 else "receive"
+                lines.append(
+                    f"| {a.tokens:,} | {w} | {alpha:g} | {level} ({h['world']}) | "
+                    f"{h['send_ratio']:.2f} | {h['recv_max'] / max(h['send_mean'], 1):.2f} | "
+                    f"{h['send_max'] / max(h['recv_max'], 1):.2f} | "
+                    f"{h['send_ms']:.2f} | {h['recv_ms']:.2f} | {side} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def format_projection(res: dict, links: cost.Links, comp: Compute) -> str:
     """Human-readable table of one projection (times per layer, bytes max over ranks)."""
     c, st, auto = res["case"], res["strategies"], res["auto"]
@@ -410,6 +467,11 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--net-grid", type=_num(float, 0), default=[20.0, 40.0, 80.0])
     n.add_argument("--alpha", type=_num(float, strict=False), default=1.0)
     n.add_argument("--out", type=Path, default=RESULTS / "projection_sensitivity.md")
+    hb = sub.add_parser("hot", parents=[common], help="hot blocks: per-rank send bytes")
+    hb.add_argument("--tokens", type=_num(), default=1 << 20)
+    hb.add_argument("--worlds", type=_num(count=0), default=[8, 64, 256])
+    hb.add_argument("--alphas", type=_num(float, 0, False), default=[0, 1, 2, 3, math.inf])
+    hb.add_argument("--out", type=Path, help="also write the table here")
     return ap
 
 
@@ -441,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_projection(res, links, comp))
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
+        return 0
+    if a.cmd == "hot":
+        md = hot_markdown(a, shape, links)
+        if a.out:
+            a.out.write_text(f"`{' '.join(sys.argv)}`\n\n" + md)
+        print(md)
         return 0
     if a.cmd == "sensitivity":
         md = sensitivity(a, shape, links, comp)

@@ -47,7 +47,6 @@ from train_utils import (
 
 from moba_dist.parallel import local_positions, shard
 
-AUTO_RULE = 0.5  # MoBAContextParallel's auto rule: all-gather when the worst union exceeds this
 EVAL_SEED, ROUTING_SEED = 10_000_000, 20_000_000
 
 
@@ -175,6 +174,7 @@ class CPTally:
         row = 2 * (args.dim // args.heads) * elem  # one K row plus one V row
         self.allgather_bytes = (d.cp - 1) * t_local * args.kv_heads * row
         self.steps, self.recv, self.strategies, self.unions = 0, 0, {}, []
+        self.auto_ms: dict[str, float] = {}  # the last call's predicted ms per auto candidate
 
     def add(self, stats: dict) -> None:
         if not stats:
@@ -183,6 +183,8 @@ class CPTally:
         self.recv += stats["bytes_received"]
         self.strategies[stats["strategy"]] = self.strategies.get(stats["strategy"], 0) + 1
         self.unions.append(stats["union_fraction_max"])
+        costs = stats.get("auto_costs") or {}
+        self.auto_ms = {n: c["fwd_ms"] + c["bwd_ms"] for n, c in costs.items()}
 
     def summary(self, strategy: str, d: Dist) -> dict:
         """Bytes are averaged over all ranks (each receives a different amount under selective);
@@ -195,6 +197,7 @@ class CPTally:
             "allgather_bytes_per_step": self.allgather_bytes,
             "union_fraction_max_mean": sum(self.unions) / max(1, len(self.unions)),
             "union_fraction_max_min": min(self.unions, default=math.nan), "requested": strategy,
+            "auto_predicted_ms": self.auto_ms,
         }  # fmt: skip
 
 
@@ -206,7 +209,8 @@ def describe_cp(s: dict, world: int) -> str:
     u = s["union_fraction_max_mean"]
     if s["requested"] == "auto":
         low = s["union_fraction_max_min"]
-        why = (f"auto rule: all-gather when the worst rank's union > {AUTO_RULE}; "
+        pred = ", ".join(f"{n} {ms:.3f}" for n, ms in sorted(s["auto_predicted_ms"].items()))
+        why = (f"auto: the cost model's cheapest strategy that fits, predicted fwd+bwd ms {pred}; "
                f"worst rank's union averaged {u:.2f}, lowest {low:.2f}")  # fmt: skip
     else:
         why = f"forced by --strategy {s['requested']}; worst rank's union averaged {u:.2f}"

@@ -409,3 +409,48 @@ def test_kernel_tables_come_from_a_bench_tool_run(tmp_path):
     np.testing.assert_allclose(comp.ms("moba_fwdbwd", np.array([3.5 * flops])), [9.0], rtol=1e-9)
     dense = 4.0 * d * hq * t * (t + 1) / 2
     np.testing.assert_allclose(comp.ms("dense_fwdbwd", np.array([3.5 * dense])), [20.0])
+
+
+def test_hot_block_send_bytes_hand_worked():
+    """3 ranks, one sequence of 3 blocks of 8 (contiguous: rank r holds block r), K = 2 at
+    alpha = inf: every query past block 0 picks block 0. Ranks 1 and 2 each fetch block 0's 8
+    rows per KV head from rank 0 and nothing else (each own block is wholly local), so rank 0
+    sends 2 x 8 x Hkv rows and the others none: max / mean = 3."""
+    geom = cm.build_geometry([24], 8, 3, "contiguous")
+    p = cm.route_probs(cm.index_rank(geom), geom.seq_first, 2, math.inf)
+    hkv, d, elem = 2, 4, 2
+    u = cm.model_union(p, geom, 2)  # Hq / Hkv = 2
+    rows = cm.rows_matrix(geom, np.stack([u] * hkv))
+    np.testing.assert_array_equal(rows, [[0, 0, 0], [16, 0, 0], [16, 0, 0]])
+    shape = cost.Shape(tokens=24, world=3, hq=4, hkv=hkv, head_dim=d, elem=elem, block=8)
+    sel = cost.selective_traffic(shape, torch.from_numpy(rows))
+    row = 2 * d * elem  # K and V of one (token, KV head)
+    assert sel.per_rank("bytes_sent") == [32 * row, 0, 0]
+    assert sel.per_rank("bytes_received") == [0, 16 * row, 16 * row]
+    assert cost.send_ratio(sel) == (32 * row, 32 * row / 3, 3.0)
+    # The backward returns float32 dK/dV of those rows to the hot owner: it receives them all.
+    assert sel.per_rank("bwd_bytes_received")[0] == 32 * 2 * d * 4
+
+
+@pytest.mark.dist
+def test_hot_block_traffic_matches_gloo_on_three_ranks(tmp_path):
+    """Every query's one past choice is its sequence's first block (``block0``): the owners of
+    those blocks send to every other rank. The cost model fed the real routing gives every
+    rank's four byte counts, sends included, to the byte."""
+    cases = [(lens, "block0", 2, layout) for lens in ((768,), (384, 384))
+             for layout in cm.LAYOUTS]  # fmt: skip
+    for r in compare(3, cases, SHAPE, tmp_path):
+        assert r["exact_stats"] == r["measured_stats"], r
+        got = r["measured_stats"]["selective"]
+        sent = got["bytes_sent"]
+        # Hot: the owners of first blocks send all there is, some rank sends nothing.
+        assert max(sent) >= 1.5 * sum(sent) / len(sent) and min(sent) == 0, got
+
+
+def test_hot_cli_reports_send_bound_owners(capsys):
+    args = ["hot", "--tokens", "131072", "--worlds", "16", "--alphas", "0,inf", "--hq", "8",
+            "--hkv", "2", "--block", "512"]  # fmt: skip
+    assert project_cp.main(args) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| 131,072 |")]
+    assert len(lines) == 4, lines  # flat and hybrid-outer, two alphas
+    assert all("receive" in x for x in lines[:2]) and "send (hot owners)" in lines[2], lines

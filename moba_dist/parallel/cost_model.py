@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "AUTO_CANDIDATES",
     "PIECE_BWD_US",
     "PIECE_FWD_US",
     "STRATEGIES",
@@ -47,6 +48,7 @@ __all__ = [
     "add_heads",
     "allgather_traffic",
     "auto_choice",
+    "auto_costs",
     "choose",
     "head_spans",
     "heads_cost",
@@ -55,6 +57,7 @@ __all__ = [
     "ring_cost",
     "rows_from_union",
     "selective_traffic",
+    "send_ratio",
     "sequence_cost",
 ]
 
@@ -375,49 +378,76 @@ def ring_cost(shape: Shape, step_fwd: torch.Tensor, step_bwd: torch.Tensor, link
                 saved + 2.0 * hop_kv, 2.0 * hop_kv, traffic.by_class(links))  # fmt: skip
 
 
-def choose(costs: dict[str, Cost], memory_limit: float | None = None) -> str:
-    """``auto``: the cheapest strategy whose memory fits ``memory_limit`` (bytes; ``None``: no
-    limit), the least memory when none fits. Ties go to the earlier name in ``costs``, so every
-    rank fed the same quantities takes the same strategy."""
+def choose(
+    costs: dict[str, Cost], memory_limit: float | None = None, fetch_limit: float | None = None
+) -> str:
+    """``auto``: the cheapest strategy that fits: ``memory_bytes <= memory_limit`` and
+    ``remote_bytes`` (fetched K/V held at once) ``<= fetch_limit`` (bytes; ``None``: no limit).
+    When none fits, the least memory (then the least remote bytes). Ties go to the earlier name
+    in ``costs``, so every rank fed the same quantities takes the same strategy."""
     if not costs:
         raise ValueError("choose needs at least one candidate cost, got none")
-    fits = [n for n, c in costs.items() if memory_limit is None or c.memory_bytes <= memory_limit]
-    if not fits:
-        return min(costs, key=lambda n: costs[n].memory_bytes)
-    return min(fits, key=lambda n: costs[n].total_ms)
+    mem, fetch = (math.inf if x is None else x for x in (memory_limit, fetch_limit))
+    ok = [n for n, c in costs.items() if c.memory_bytes <= mem and c.remote_bytes <= fetch]
+    if not ok:
+        return min(costs, key=lambda n: (costs[n].memory_bytes, costs[n].remote_bytes))
+    # Rounded to 1e-9 ms: hosts whose CPUs sum float64 in another order still agree (and tie).
+    return min(ok, key=lambda n: round(costs[n].total_ms, 9))
+
+
+#: What ``auto_costs`` can price from the union fractions alone.
+AUTO_CANDIDATES = ("selective", "allgather", "streamed", "heads")
+
+
+def auto_costs(
+    shape: Shape, union_fractions: list[float], links: Links | None = None,
+    keep_fetched: bool = False, candidates: tuple[str, ...] = ("selective", "allgather", "heads"),
+    fetch_limit: float | None = None,
+) -> dict[str, Cost]:  # fmt: skip
+    """Every candidate's :class:`Cost` from what every rank holds after the plan's exchange
+    (the all-gathered union fractions): identical on every rank, no collective. Kernel time is
+    left out (zero): the candidates run the same attention FLOPs, so they differ by their
+    communication, counted fully exposed. ``heads`` is skipped unless ``Hq % P == 0``;
+    ``streamed`` (pieces of at most half of ``fetch_limit``) needs ``fetch_limit``."""
+    links = links or Links()
+    unknown = [n for n in candidates if n not in AUTO_CANDIDATES]
+    if unknown:
+        raise ValueError(f"candidates must be among {AUTO_CANDIDATES}, got {unknown}")
+    if "streamed" in candidates and fetch_limit is None:
+        raise ValueError("candidate 'streamed' needs a fetch_limit (its piece budget), got None")
+    rows = rows_from_union(shape, union_fractions)
+    zero = torch.zeros(shape.world, dtype=_F64)
+    kernels = Kernels(zero, zero, zero, zero)
+    costs: dict[str, Cost] = {}
+    for name in candidates:
+        if name == "heads":
+            if shape.hq % shape.world == 0:
+                costs[name] = heads_cost(shape, heads_traffic(shape), kernels, links)
+            continue
+        traffic = (allgather_traffic(shape, keep_fetched) if name == "allgather"
+                   else selective_traffic(shape, rows, keep_fetched))  # fmt: skip
+        budget = fetch_limit if name == "streamed" else None
+        costs[name] = sequence_cost(name, shape, traffic, kernels, links, budget)
+    return costs
 
 
 def auto_choice(
     shape: Shape, union_fractions: list[float], links: Links | None = None,
     memory_limit: float | None = None, keep_fetched: bool = False,
     candidates: tuple[str, ...] = ("selective", "allgather", "heads"),
+    fetch_limit: float | None = None,
 ) -> tuple[str, dict[str, dict]]:  # fmt: skip
-    """``strategy="auto"`` for the runtime, from what every rank already holds after the plan's
-    exchange (the all-gathered union fractions): the same answer on every rank, no collective.
-
-    Kernel time is left out (zero): the candidates run the same attention FLOPs, so they differ
-    by communication, which is then counted fully exposed (no overlap credited). ``heads`` is
-    skipped unless ``Hq % P == 0``. Returns the name taken and every candidate's
-    :meth:`Cost.summary` (for ``last_stats``).
-    """
-    links = links or Links()
-    rows = rows_from_union(shape, union_fractions)
-    zero = torch.zeros(shape.world, dtype=_F64)
-    kernels = Kernels(zero, zero, zero, zero)
-    costs: dict[str, Cost] = {}
-    for name in candidates:
-        if name == "selective":
-            traffic = selective_traffic(shape, rows, keep_fetched)
-        elif name == "allgather":
-            traffic = allgather_traffic(shape, keep_fetched)
-        elif name == "heads":
-            if shape.hq % shape.world == 0:
-                costs[name] = heads_cost(shape, heads_traffic(shape), kernels, links)
-            continue
-        else:
-            raise ValueError(
-                f"candidates must be selective, allgather or heads, got {name!r} in {candidates}"
-            )
-        costs[name] = sequence_cost(name, shape, traffic, kernels, links)
-    taken = choose(costs, memory_limit)
+    """``strategy="auto"``: :func:`choose` over :func:`auto_costs` (the runtime's rule, in
+    ``parallel.strategies.choose_strategy``). Returns the name taken and every candidate's
+    :meth:`Cost.summary` (what ``last_stats`` reports)."""
+    costs = auto_costs(shape, union_fractions, links, keep_fetched, candidates, fetch_limit)
+    taken = choose(costs, memory_limit, fetch_limit)
     return taken, {n: c.summary() for n, c in costs.items()}
+
+
+def send_ratio(traffic: Traffic, key: str = "bytes_sent") -> tuple[float, float, float]:
+    """Hot blocks: ``(max, mean, max / mean)`` over ranks of ``key`` (``Traffic.per_rank``); an
+    owner of blocks every rank selects sends them to all ``P - 1`` others."""
+    per = traffic.per_rank(key)
+    top, mean = max(per), sum(per) / len(per)
+    return top, mean, top / mean if mean > 0 else 1.0

@@ -178,7 +178,9 @@ def cp_attention(
     if cfg.strategy in WHOLE_CALL_TYPES:
         return _whole_call(WHOLE_CALL_TYPES[cfg.strategy], q, k, v, ctx, cfg, group, on_stats)
     routing = route(q, k, ctx, group, cfg.moba_topk, header, error, cfg.gate_precision)
-    strategy = choose_strategy(cfg.strategy, routing, k, cfg.max_fetch_bytes)  # step 6
+    strategy, costs = choose_strategy(  # step 6
+        cfg.strategy, routing, k, cfg.max_fetch_bytes, cfg.keep_fetched
+    )
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     call = _Call(
         routing, strategy, cfg.scale_for(q.shape[-1]), resolve_backend(cfg.backend, q, True),
@@ -190,7 +192,7 @@ def cp_attention(
         strategy=strategy.name, traffic=strategy.stats(k, cfg.keep_fetched),
         union_fraction=fractions[ctx.rank], union_fraction_max=max(fractions),
         allgather_bytes_received=(ctx.world - 1) * t_local * hkv * kv_row_bytes(k)[0],
-        world_size=ctx.world, context=ctx, moba_topk=cfg.moba_topk,
+        world_size=ctx.world, context=ctx, moba_topk=cfg.moba_topk, auto_costs=costs,
     )  # fmt: skip
     on_stats(record)
     return MoBACPFunction.apply(q, k, v, call)
@@ -249,21 +251,27 @@ def moba_cp_attn_varlen(
             group ranks, so CP can run on a sub-group of a larger (e.g. DP x CP) world.
         layout: ``"contiguous"`` or ``"zigzag"`` (see ``moba_dist.parallel.layouts``).
         strategy: ``"selective"`` fetches only the (block, KV head) rows local queries selected;
-            ``"allgather"`` gathers all K/V; ``"auto"`` picks per call, identically on every rank,
-            from the exchanged union fractions (``strategies.AUTO_ALLGATHER_FRACTION``);
-            ``"heads"`` re-splits q, k, v by heads instead (``parallel/heads.py``; needs
-            ``Hq % P == 0``); ``"streamed"`` fetches what ``"selective"`` does, in pieces
-            attended as they arrive (``parallel/streamed.py``).
+            ``"allgather"`` gathers all K/V; ``"heads"`` re-splits q, k, v by heads instead
+            (``parallel/heads.py``; needs ``Hq % P == 0``); ``"streamed"`` fetches what
+            ``"selective"`` does, in pieces attended as they arrive (``parallel/streamed.py``).
+            ``"auto"`` picks per call among selective, allgather and streamed (not with
+            ``keep_fetched``) by ``parallel.cost_model`` (the model ``benchmarks/project_cp.py``
+            projects with): the least predicted communication time whose fetched K/V fits
+            ``max_fetch_bytes`` (None: ``strategies.auto_fetch_limit``, a quarter of the
+            device's total memory, 1 GiB on CPU), priced from the all-gathered union fractions
+            with the default ``cost_model.Links`` (8 ranks per node), so every rank takes the
+            same one without another collective.
         backend: local kernel, ``"auto"``, ``"reference"`` or ``"triton"``.
         keep_fetched: keep fetched K/V for the backward instead of fetching again (more memory,
             less traffic).
         return_lse: also return ``lse [Hq, T_local]`` float32 (not differentiable).
         stats: optional dict filled with this call's statistics (see ``MoBAContextParallel``).
         gate_precision: as in ``moba_attn_varlen``; every rank must pass the same.
-        max_fetch_bytes: ``"streamed"`` only: the most fetched K/V bytes held at once, forward
+        max_fetch_bytes: ``"streamed"``: the most fetched K/V bytes held at once, forward
             and backward (the piece attended plus the next in flight). None: a quarter of the
             free device memory on CUDA, 1 GiB on CPU (``streamed.default_max_fetch_bytes``).
-            Ranks take the smallest value any of them passes.
+            Ranks take the smallest value any of them passes. ``"auto"``: the limit above (every
+            rank must pass the same value: it decides without exchanging it).
 
     Returns:
         ``out [T_local, Hq, D]`` in q's dtype (and lse); autograd for the local q, k, v.
@@ -300,7 +308,9 @@ class MoBAContextParallel(nn.Module):
     ``density`` (MoBA keys over causal keys), ``world_size``, and the backward's
     ``bwd_bytes_sent`` / ``bwd_bytes_received`` (re-fetch plus float32 gradient return);
     ``"streamed"`` adds ``pieces`` (exchange steps per pass), ``max_piece_bytes`` (the largest
-    fetched piece) and ``max_fetch_bytes`` (the agreed budget). It is
+    fetched piece) and ``max_fetch_bytes`` (the agreed budget). ``auto_costs``: under
+    ``strategy="auto"``, every candidate's predicted cost (``cost_model.Cost.summary()`` by
+    name; the one taken is ``strategy``), else None. It is
     built when read (the density costs one device read per batch and top-k then, not per call).
     A forward recomputed by activation checkpointing fills ``last_recompute_stats`` instead.
     """

@@ -3,9 +3,10 @@ turned into a dict only when read.
 
 Every quantity is known once the plan exists: the backward re-fetches the forward's rows (unless
 ``keep_fetched``) and returns one gradient row per fetched row, so its traffic is fixed by the
-same counts. The strategy's traffic and the union fractions are host ints of the plan; only the
-batch density needs the device, and it is computed when the statistics are first read (once
-per context and top-k).
+same counts. The strategy's traffic and the union fractions are host ints of the plan, and
+``auto``'s predicted costs are host objects built from them; only the batch density needs the
+device, and it is computed when the statistics are first read (once per context and top-k).
+The cost summaries are also made only when read.
 """
 
 from __future__ import annotations
@@ -44,13 +45,16 @@ class CallStats:
     world_size: int
     context: Any
     moba_topk: int
+    auto_costs: dict[str, Any] | None = None  # cost_model.Cost per candidate, strategy="auto"
 
     def as_dict(self) -> dict[str, Any]:
+        costs = self.auto_costs
         return {
             "strategy": self.strategy, **self.traffic,
             "allgather_bytes_received": self.allgather_bytes_received,
             "union_fraction": self.union_fraction, "union_fraction_max": self.union_fraction_max,
             "density": self.context.density(self.moba_topk), "world_size": self.world_size,
+            "auto_costs": None if costs is None else {n: c.summary() for n, c in costs.items()},
         }  # fmt: skip
 
 

@@ -19,6 +19,11 @@ heads and the local op routes whole sequences) implements :class:`WholeCallStrat
 and is listed in :data:`WHOLE_CALL_TYPES`; the runtime then calls its ``run`` in place of the
 routing, the plan and the autograd function.
 
+``auto`` (:func:`choose_strategy`) prices selective, allgather and streamed with
+``parallel.cost_model`` (the model ``benchmarks/project_cp.py`` projects with) from host numbers
+every rank holds after the plan: the union fractions, the shape and the fetch limit. Every rank
+takes the same one with no further collective, and no device read.
+
 Transfers carry (row, KV head) vectors, K and V side by side as ``[n, 2D]``.
 """
 
@@ -31,20 +36,20 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from moba_dist.kernels.plan_types import RoutedKeys
-from moba_dist.parallel import comm
+from moba_dist.parallel import comm, cost_model
 from moba_dist.parallel.config import STRATEGIES
 from moba_dist.parallel.heads import Heads
 from moba_dist.parallel.plan import Routing
 from moba_dist.parallel.requests import compact, keys_from_positions, ranges
 from moba_dist.parallel.stats import row_traffic
-from moba_dist.parallel.streamed import Streamed
+from moba_dist.parallel.streamed import CPU_MAX_FETCH_BYTES, CUDA_FREE_SHARE, Streamed
 
 if TYPE_CHECKING:
     from moba_dist.parallel.config import CPConfig
     from moba_dist.parallel.context import CPContext
 
 __all__ = [
-    "AUTO_ALLGATHER_FRACTION",
+    "AUTO_LINKS",
     "STRATEGY_TYPES",
     "WHOLE_CALL_TYPES",
     "AllGather",
@@ -52,6 +57,9 @@ __all__ = [
     "Selective",
     "Strategy",
     "WholeCallStrategy",
+    "auto_costs",
+    "auto_fetch_limit",
+    "auto_shape",
     "choose_strategy",
 ]
 
@@ -225,19 +233,59 @@ WHOLE_CALL_TYPES: dict[str, type[WholeCallStrategy]] = {"heads": Heads}
 if {*STRATEGY_TYPES, *WHOLE_CALL_TYPES} != set(STRATEGIES) - {"auto"}:
     raise RuntimeError(f"the strategy objects must match STRATEGIES = {STRATEGIES}")
 
-#: ``strategy="auto"`` all-gathers K/V once some rank needs more than this share of the remote
-#: (row, head) pairs: past it, many small requests cost more than one bandwidth-optimal gather.
-AUTO_ALLGATHER_FRACTION = 0.5
+#: ``strategy="auto"``'s links: the cost model's defaults (8 consecutive group ranks share a
+#: node: NVLink 360 GB/s within, 40 GB/s per GPU across). A world of <= 8 is thus one node.
+#: Only relative costs matter to the choice; the gloo CPU runs see the same rule.
+AUTO_LINKS = cost_model.Links()
+
+
+def auto_fetch_limit(device: torch.device, max_fetch_bytes: int | None) -> int:
+    """The fetched K/V ``auto`` lets a call hold at once: ``max_fetch_bytes``, or when None
+    ``streamed.CPU_MAX_FETCH_BYTES`` on CPU and ``streamed.CUDA_FREE_SHARE`` of the device's
+    *total* memory on CUDA. Not of its free memory as ``streamed`` sizes its pieces: that differs
+    between ranks, and ``auto`` must decide identically everywhere without a collective. Once
+    taken, ``streamed`` sizes its pieces as always (``max_fetch_bytes`` or its own default)."""
+    if max_fetch_bytes is not None:
+        return max_fetch_bytes
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(1, int(total * CUDA_FREE_SHARE))
+    return CPU_MAX_FETCH_BYTES
+
+
+def auto_shape(routing: Routing, k: torch.Tensor) -> cost_model.Shape:
+    """The cost model's shape of this call (identical on every rank: the handshake checked)."""
+    ctx = routing.ctx
+    return cost_model.Shape(
+        ctx.num_tokens, ctx.world, routing.sel.shape[1], k.shape[1], k.shape[2],
+        k.element_size(), ctx.blocks.block_size,
+    )  # fmt: skip
+
+
+def auto_costs(
+    routing: Routing, k: torch.Tensor, keep_fetched: bool, max_fetch_bytes: int | None
+) -> tuple[str, dict[str, cost_model.Cost]]:
+    """``auto``'s choice and every candidate's predicted cost, from host values every rank
+    holds after the plan (the union fractions, the shape, the limit): no collective, no device
+    read. ``streamed`` is a candidate unless ``keep_fetched`` (which it refuses)."""
+    limit = auto_fetch_limit(k.device, max_fetch_bytes)
+    names = ("selective", "allgather") + (() if keep_fetched else ("streamed",))
+    costs = cost_model.auto_costs(
+        auto_shape(routing, k), routing.union_fractions, AUTO_LINKS, keep_fetched, names, limit
+    )
+    return cost_model.choose(costs, fetch_limit=limit), costs
 
 
 def choose_strategy(
-    name: str, routing: Routing, k: torch.Tensor, max_fetch_bytes: int | None = None
-) -> Strategy | Streamed:
-    """The strategy object of ``name`` for K/V like ``k``; ``"auto"`` decides from the
-    all-gathered union fractions, so every rank takes the same one."""
+    name: str, routing: Routing, k: torch.Tensor, max_fetch_bytes: int | None = None,
+    keep_fetched: bool = False,
+) -> tuple[Strategy | Streamed, dict[str, cost_model.Cost] | None]:  # fmt: skip
+    """The strategy object of ``name`` for K/V like ``k``, and (``"auto"`` only) every
+    candidate's predicted cost. ``"auto"`` takes the cheapest candidate whose fetched K/V fits
+    :func:`auto_fetch_limit` (``cost_model.choose``), so every rank takes the same one."""
+    costs = None
     if name == "auto":
-        worst = max(routing.union_fractions)
-        name = "allgather" if worst > AUTO_ALLGATHER_FRACTION else "selective"
+        name, costs = auto_costs(routing, k, keep_fetched, max_fetch_bytes)
     if name == "streamed":
-        return Streamed.plan(Selective(routing), k, max_fetch_bytes)
-    return STRATEGY_TYPES[name].plan(routing)
+        return Streamed.plan(Selective(routing), k, max_fetch_bytes), costs
+    return STRATEGY_TYPES[name].plan(routing), costs
