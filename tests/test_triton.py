@@ -285,3 +285,26 @@ def test_dense_triton_yardstick_matches_sdpa(hq, hkv):
     got = dense_triton_fwd_bwd(q, k, v, do, tiles, tiles, tiles)
     for name, a, b in zip(["dq", "dk", "dv"], got, (lq, lk, lv), strict=True):
         close(name, a, b.grad)
+
+
+@pytest.mark.parametrize(
+    "tq,hq,hkv,topk,blocks,dtype",
+    [(37, 4, 2, 3, 5, torch.int16), (50, 8, 1, 2, 300, torch.int32), (0, 2, 2, 1, 3, torch.int16)],
+    ids=["gqa2-int16", "mqa-int32", "no-tokens"],
+)
+def test_plan_passes_equal_their_twins(tq, hq, hkv, topk, blocks, dtype):
+    from moba_dist.kernels.triton_plan import (
+        compose,
+        compose_reference,
+        entry_keys,
+        entry_keys_reference,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    sel = torch.randint(-1, blocks, (tq, hq, topk), generator=g, dtype=torch.int32).to(DEV)
+    groups = blocks * hkv
+    key = entry_keys(sel, hkv, groups, dtype)
+    want = entry_keys_reference(sel, hkv, groups, dtype)
+    assert key.dtype == dtype and torch.equal(key, want)
+    skey, order = torch.sort(want, stable=True)
+    assert torch.equal(compose(skey, order.clone()), compose_reference(skey, order))

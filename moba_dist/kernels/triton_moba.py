@@ -78,27 +78,19 @@ def unavailable_reason(q: torch.Tensor) -> str | None:
 
 def plan_entries(sel: torch.Tensor, num_blocks: int, hkv: int) -> EntryPlan:
     """Sort the entries of ``sel [Tq, Hq, K]`` by (block, KV head), then by entry id."""
+    from moba_dist.kernels.triton_plan import compose, entry_keys
+
     tq, hq, topk = sel.shape
     n_ent = tq * hq * topk
     groups = num_blocks * hkv
-    # In-place steps keep the transient memory at a few [E] arrays.
-    key = torch.arange(n_ent, device=sel.device)
-    key //= topk
-    key %= hq
-    key //= hq // hkv  # KV head of every entry
-    flat = sel.reshape(-1)
-    key += flat.to(torch.int64) * hkv
-    key.masked_fill_(flat < 0, groups)  # invalid slots: sentinel group G, sorted last
-    # A stable sort of the narrowest key dtype that holds G (radix passes scale with its bits;
-    # ties keep entry order, so the result is deterministic) instead of a 64-bit composite key.
-    narrow = _key_dtype(groups)
-    skey, order = torch.sort(key.to(narrow), stable=True)
+    # Keys in the narrowest dtype that holds G (invalid slots get the sentinel G, sorted last);
+    # a stable sort (radix passes scale with the key's bits; ties keep entry order, so the plan
+    # is deterministic), then comp = group * E + e over the sort's order, in place.
+    key = entry_keys(sel, hkv, groups, _key_dtype(groups))
+    skey, order = torch.sort(key, stable=True)
     del key
-    comp = skey.to(torch.int64)
+    comp = compose(skey, order)
     del skey
-    comp *= n_ent
-    comp += order
-    del order
     bounds = torch.arange(groups + 1, device=sel.device) * n_ent
     group_off = torch.searchsorted(comp, bounds)
     return EntryPlan(comp, group_off, groups, topk, hq, hkv)
