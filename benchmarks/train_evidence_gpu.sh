@@ -12,22 +12,40 @@
 # the merged metrics.json, table.md, both plots, env.txt and logs.tgz (per-process logs/records).
 set -u
 OUT=${OUT:?set OUT to the output directory}
-# The first run (benchmarks/results/nvidia-h200/train_evidence/) used LRS=1.5e-3,3e-3,6e-3 and
-# STEPS=500: every variant picked 1.5e-3, the grid's lowest, and at 500 steps the four variants
-# before hybrid_final took 367 s of the 440 (full 140, hybrid_last 87, moba 82, topk1 58 s per
-# run with three processes sharing the GPU). The defaults move the grid down and shorten the runs
-# so that all five variants fit.
-LRS=${LRS:-4e-4,8e-4,1.5e-3}
+# The first run (benchmarks/results/nvidia-h200/train_evidence/) used batch 2, STEPS=500 and
+# LRS=1.5e-3,3e-3,6e-3: every variant picked 1.5e-3, the grid's lowest (3e-3 lost for every
+# variant), and the four variants before hybrid_final took 367 s of the 440 (full 140,
+# hybrid_last 87, moba 82, topk1 58 s a run of 16.4M tokens, three processes sharing the GPU:
+# 351K, 565K, 600K, 848K tokens/s in all); hybrid_final would take about 94 s more. Full
+# attention goes through MoBA with every block selected (partials merged over 33 blocks), near
+# 50 TFLOP/s, so it dominates and a larger batch helps it least. A larger batch is not the lever
+# either: at this stage loss falls per optimizer step more than per token (CPU, context 1024:
+# batch 32 reached 3.40 bits/byte at 1.6M tokens, batch 8 2.81), so the defaults keep batch 2
+# and cut steps to fit: 400 steps, about 0.8 x 461 = 370 s for the five variants.
+# BLOCK=1024 keeps the paper's 16 blocks a window (8K context, block 512): full attention's slow
+# start grows with the blocks a query can read (CPU, 600 steps: full behind topk = 1 beyond 2
+# blocks by 0.17 bits/byte at 16 blocks, 0.32 at 32). EXTRA_ARGS (whitespace-separated
+# train_cp.py options) is appended to every run. The next run to try (not made yet; on CPU at 16
+# blocks a window, full attention with a 25% own-block warmup overtook topk = 1 beyond 2 blocks
+# after ~500 steps): BLOCK=1024 STEPS=420 EXTRA_ARGS="--dense-full --local-warmup 105".
+LRS=${LRS:-7.5e-4,1.5e-3,3e-3}
+BATCH=${BATCH:-2}
+BLOCK=${BLOCK:-512}
 STEPS=${STEPS:-400}
-BUDGET_S=${BUDGET_S:-440}
+WARMUP=${WARMUP:-40}
+EVAL_EVERY=${EVAL_EVERY:-40}
+EVAL_WINDOWS=${EVAL_WINDOWS:-16}  # held-out windows of 16384 per eval (the test files hold 147 KB)
+BUDGET_S=${BUDGET_S:-400}
 PY=${PYTHON:-python3}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS=4 TQDM_MININTERVAL=10
 ORDER=moba,full,topk1,hybrid_last,hybrid_final
-MODEL=(--seq-len 16384 --block 512 --topk 3 --layers 4 --dim 256 --heads 8 --kv-heads 2
-       --batch-size 2 --steps "$STEPS" --warmup 40 --eval-every 50 --eval-batches 8
+MODEL=(--seq-len 16384 --block "$BLOCK" --topk 3 --layers 4 --dim 256 --heads 8 --kv-heads 2
+       --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --eval-every "$EVAL_EVERY"
+       --eval-batches $(( (EVAL_WINDOWS + BATCH - 1) / BATCH ))
        --backend triton --device cuda)
 # A smoke test elsewhere replaces the model and context (whitespace-separated train_cp.py options).
 [ -n "${MODEL_ARGS:-}" ] && read -r -a MODEL <<< "$MODEL_ARGS"
+[ -n "${EXTRA_ARGS:-}" ] && read -r -a EXTRA <<< "$EXTRA_ARGS" && MODEL+=("${EXTRA[@]}")
 WORK=$OUT/work
 mkdir -p "$WORK"
 
@@ -37,7 +55,7 @@ mkdir -p "$WORK"
   "$PY" -c 'import platform, sysconfig, torch, triton
 print("python", platform.python_version(), "stdlib", sysconfig.get_paths()["stdlib"])
 print("torch", torch.__version__, "triton", triton.__version__)'
-  echo "LRS=$LRS STEPS=$STEPS BUDGET_S=$BUDGET_S order $ORDER"
+  echo "LRS=$LRS BATCH=$BATCH BLOCK=$BLOCK STEPS=$STEPS WARMUP=$WARMUP EXTRA_ARGS=${EXTRA_ARGS:-} BUDGET_S=$BUDGET_S order $ORDER"
   echo "per process: $PY examples/train_evidence.py --variants $ORDER --lrs LR --out-dir" \
        "$WORK/lr_LR -- ${MODEL[*]}"
 } > "$OUT/env.txt" 2>&1

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moba_dist import MoBAContextParallel
+from moba_dist.parallel.comm import group_size
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class ModelConfig:
     layout: str = "zigzag"
     strategy: str = "auto"
     backend: str = "auto"
+    dense_full: bool = False
+    """Layers at full attention run dense causal attention (F.scaled_dot_product_attention) instead
+    of MoBA with every block selected: the same function, a faster kernel. One CP rank only (the
+    dense path reads no other rank's keys), equal-length sequences."""
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -41,6 +46,25 @@ def rope(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Ten
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def dense_causal(q, k, v, cu_seqlens) -> torch.Tensor:
+    """Causal attention of packed sequences ``q [T, H, D]``, ``k, v [T, Hkv, D]`` that all have
+    the same length (train_cp.py's windows; not checked, which would sync the host each layer)."""
+    b = cu_seqlens.numel() - 1
+    if b < 1 or q.shape[0] % b:
+        raise ValueError(f"dense_causal needs equal-length sequences: {q.shape[0]} tokens do not "
+                         f"split into {b} sequences")  # fmt: skip
+    s = q.shape[0] // b
+    # Query head h reads K/V head h // (H / Hkv), as MoBA's kernels do.
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # [T, h, D] -> [B, S, H, D]
+        return x.repeat_interleave(q.shape[1] // x.shape[1], dim=1).view(b, s, *q.shape[1:])
+
+    # Expanded K/V rather than enable_gqa: every SDPA backend (flash on the GPU) takes it.
+    out = F.scaled_dot_product_attention(*(heads(x).transpose(1, 2) for x in (q, k, v)),
+                                         is_causal=True)  # fmt: skip
+    return out.transpose(1, 2).reshape(q.shape)
 
 
 class Attention(nn.Module):
@@ -60,11 +84,18 @@ class Attention(nn.Module):
             backend=cfg.backend,
         )  # fmt: skip
         self.capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if cfg.dense_full and group is not None and group_size(group) > 1:
+            raise ValueError(f"dense_full needs a CP group of one rank, got {group_size(group)}")
+        self.dense_full = cfg.dense_full
 
     def set_full(self, full: bool) -> None:
         """Switch a MoBA layer to full attention (the paper's final-phase recipe)."""
         topk = self.full_topk if (full or self.full) else self.moba_topk
         self.attn.config = dataclasses.replace(self.attn.config, moba_topk=topk)
+
+    def set_local(self) -> None:
+        """Own block only (topk 1): the short-context warmup every variant shares."""
+        self.attn.config = dataclasses.replace(self.attn.config, moba_topk=1)
 
     def forward(self, x, pos, cu_seqlens):
         t = x.shape[0]
@@ -73,7 +104,10 @@ class Attention(nn.Module):
         q, k = rope(q, pos), rope(k, pos)
         if self.capture is not None:
             self.capture.append((q.detach(), k.detach()))
-        out = self.attn(q, k, v, cu_seqlens)
+        if self.dense_full and self.attn.config.moba_topk >= self.full_topk:
+            out = dense_causal(q, k, v, cu_seqlens)
+        else:
+            out = self.attn(q, k, v, cu_seqlens)
         return self.wo(out.reshape(t, -1))
 
 
@@ -114,6 +148,10 @@ class TinyLlama(nn.Module):
     def set_full_attention(self, full: bool) -> None:
         for a in self.attention_layers():
             a.set_full(full)
+
+    def set_local_attention(self) -> None:
+        for a in self.attention_layers():
+            a.set_local()
 
     def forward(self, tokens, pos, cu_seqlens):
         x = self.embed(tokens)

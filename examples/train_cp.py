@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--topk", type=int, default=3, help="moba_topk")
     a("--full-layers", type=int, default=1, help="last N layers use full attention")
     a("--full-attn-final-frac", type=float, default=0.0, help="final share of steps at full attn")
+    a("--dense-full", action="store_true", help="full layers through dense SDPA (CP size 1 only)")
     a("--dp", type=int, default=1, help="data-parallel size; world / dp ranks per CP group")
     a("--layout", choices=("contiguous", "zigzag"), default="zigzag")
     a("--strategy", choices=("auto", "selective", "allgather"), default="auto")
@@ -73,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--steps", type=int, default=500)
     a("--lr", type=float, default=8e-3, help="peak learning rate (linear warmup, cosine decay)")
     a("--warmup", type=int, default=20, help="warmup steps")
+    a("--local-warmup", type=int, default=0, help="first N steps: every layer own block only")
     a("--pairs", type=int, default=8, help="key-value pairs per sequence (--data kv)")
     a("--queries", type=int, default=8, help="queries per sequence (--data kv)")
     a("--data", default="stdlib", help="'stdlib' (default), 'kv' (retrieval task) or a text file")
@@ -237,7 +239,7 @@ def build_model(args, d: Dist, full_everywhere: bool) -> TinyLlama:
         vocab=VOCAB, dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
         block=args.block, topk=args.topk, full_layers=args.layers if full_everywhere else
         args.full_layers, max_seq_len=args.seq_len, layout=args.layout, strategy=args.strategy,
-        backend=args.backend,
+        backend=args.backend, dense_full=args.dense_full,
     )  # fmt: skip
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     return TinyLlama(cfg, cp_group=d.cp_group).to(d.device)
@@ -255,6 +257,8 @@ def train(args, d: Dist, full_everywhere: bool, out_dir: str, corpus) -> dict:
     per_step = args.batch_size * args.seq_len * d.dp
     for step in range(state.step, args.steps):
         model.set_full_attention(step >= switch)
+        if step < args.local_warmup:  # short context first: full attention's slow start
+            model.set_local_attention()
         entry = {"step": step, "tokens": (step + 1) * per_step, **train_step(
             model, opt, args, d, step, corpus)}  # fmt: skip
         state.step, seen = step + 1, seen + per_step

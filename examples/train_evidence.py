@@ -38,6 +38,8 @@ from train_cp import EVAL_SEED, build_model, forward, load_corpus, local_inputs,
 from train_cp import parse_args as train_args
 from train_utils import setup_dist
 
+from moba_dist.parallel import shard
+
 __all__ = ["VARIANTS", "checks", "main", "merge", "summarize", "variant_args"]
 
 VARIANTS = ("moba", "full", "hybrid_last", "hybrid_final", "topk1")
@@ -78,22 +80,35 @@ def variant_args(variant: str, lr: float, base: list[str], ev: argparse.Namespac
     return args, variant == "full"
 
 
+def window_ids(args, d, shape: tuple[int, int]) -> torch.Tensor:
+    """Which window of the batch each of this CP rank's tokens belongs to, in local order."""
+    b, s = shape
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32)
+    rows = torch.arange(b).repeat_interleave(s)
+    return shard(rows, cu_seqlens=cu, rank=d.cp_rank, world_size=d.cp, layout=args.layout)
+
+
 @torch.no_grad()
 def split_eval(model, args, d, corpus, split: str) -> dict:
-    """Bits per byte on ``split`` (train_cp.py's seeded held-out windows), overall and per eval
-    batch: every variant sees the same windows, so per-batch differences are paired samples."""
+    """Bits per byte on ``split`` (train_cp.py's seeded held-out windows), overall and per window:
+    every variant sees the same windows, so per-window differences are paired samples (one per
+    window rather than per batch, so a large batch still gives the paired test many samples)."""
     view = dataclasses.replace(corpus, heldout=getattr(corpus, split))
-    total, per_batch = torch.zeros(2 * len(BUCKET_KEYS), dtype=torch.float64), []
+    sums = torch.zeros(args.eval_batches, args.batch_size, 2 * len(BUCKET_KEYS),
+                       dtype=torch.float64)  # fmt: skip
     for i in range(args.eval_batches):
-        tok, pos, labels, lmask, cu = local_inputs(args, d, *make_batch(
-            args, d, EVAL_SEED + i, view, "heldout"))  # fmt: skip
+        tokens, mask = make_batch(args, d, EVAL_SEED + i, view, "heldout")
+        tok, pos, labels, lmask, cu = local_inputs(args, d, tokens, mask)
+        rows = window_ids(args, d, tokens.shape).to(d.device)[lmask]
         logits = forward(model, d, tok, pos, cu)[lmask].float()
-        sums = LossSums()
-        sums.add(F.cross_entropy(logits, labels[lmask], reduction="none"), pos[lmask], args.block)
-        batch = d.sum_world(sums.total)
-        total += batch
-        per_batch.append(sums.bits_per_byte(batch))
-    return {"bpb": LossSums().bits_per_byte(total), "per_batch": per_batch}
+        loss, pos = F.cross_entropy(logits, labels[lmask], reduction="none"), pos[lmask]
+        for r in range(args.batch_size):
+            window = LossSums()
+            window.add(loss[rows == r], pos[rows == r], args.block)
+            sums[i, r] = window.total
+    sums = d.sum_world(sums.flatten(0, 1))  # a window's tokens are spread over the CP ranks
+    per_window = [LossSums().bits_per_byte(w) for w in sums]
+    return {"bpb": LossSums().bits_per_byte(sums.sum(0)), "per_window": per_window}
 
 
 def final_evals(args, d, full: bool, scratch: str, corpus) -> dict:
@@ -120,7 +135,7 @@ def run_one(variant: str, lr: float, base: list[str], ev, d, corpus) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
     return {
         "lr": lr, "valid_bpb": fin["valid"]["bpb"], "test_bpb": fin["test"]["bpb"],
-        "test_per_batch": fin["test"]["per_batch"], "evals": r["evals"], "cp": r["cp"],
+        "test_per_window": fin["test"]["per_window"], "evals": r["evals"], "cp": r["cp"],
         "seconds": seconds, "tokens": r["history"][-1]["tokens"],
         "train_loss_last": r["history"][-1]["loss"],
     }  # fmt: skip
@@ -149,11 +164,15 @@ def summarize(runs: dict) -> dict:
 
 
 def paired(a: list[dict], b: list[dict], bucket: str) -> tuple[float, float]:
-    """Mean and standard error of b - a over the shared test batches."""
+    """Mean and standard error of b - a over the shared test windows."""
     diffs = [y[bucket] - x[bucket] for x, y in zip(a, b, strict=True)]
     mean = sum(diffs) / len(diffs)
     var = sum((x - mean) ** 2 for x in diffs) / max(1, len(diffs) - 1)
     return mean, math.sqrt(var / len(diffs))
+
+
+def _samples(run: dict) -> list[dict]:
+    return run["test_per_window"] if "test_per_window" in run else run["test_per_batch"]
 
 
 def checks(blob: dict) -> dict:
@@ -163,7 +182,8 @@ def checks(blob: dict) -> dict:
     variant run at every learning rate. A pick at the edge of its grid is flagged: the grid then
     did not bracket that variant's best learning rate, so "tuned" is not shown."""
     best, runs = blob["best"], blob["runs"]
-    pick = {v: runs[v][f"{b['lr']:g}"]["test_per_batch"] for v, b in best.items()}
+    # Records made before per-window samples hold one sample per eval batch instead.
+    pick = {v: _samples(runs[v][f"{b['lr']:g}"]) for v, b in best.items()}
     out: dict = {
         "missing": [f"{v} lr {lr:g}" for v in VARIANTS for lr in blob["lrs"]
                     if f"{lr:g}" not in runs.get(v, {})],

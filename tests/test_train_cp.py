@@ -97,3 +97,49 @@ def test_dp_by_cp_mesh_and_hybrid_schedule(tmp_path):
     # Without the switch the first layer routes (8 blocks, topk 3), so after two updates its
     # loss has left the full model's by far more than the 1e-5 agreement above (8e-4 measured).
     assert not math.isclose(losses(moba)[2], losses(moba, "full")[2], rel_tol=1e-4)
+
+
+def test_dense_full_equals_moba_full_attention(tmp_path):
+    # --dense-full swaps MoBA-with-every-block for SDPA in full layers: the same function, so the
+    # outputs and gradients agree to float32 rounding (different summation orders: ~1e-7).
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        _dense_full_check()
+    finally:
+        dist.destroy_process_group()
+
+
+def _dense_full_check():
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from tiny_llama import ModelConfig, TinyLlama, dense_causal
+
+    cfg = dict(vocab=50, dim=32, layers=2, heads=4, kv_heads=2, block=16, topk=2, full_layers=2,
+               max_seq_len=64, backend="reference")  # fmt: skip
+    tokens = torch.randint(0, 50, (128,), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(64).repeat(2)
+    cu = torch.tensor([0, 64, 128], dtype=torch.int32)
+    results = []
+    for dense in (False, True):
+        torch.manual_seed(0)
+        model = TinyLlama(ModelConfig(**cfg, dense_full=dense))
+        logits = model(tokens, pos, cu)
+        logits.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((logits.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # --local-warmup: every layer own block only, and the next step's schedule restores it.
+    model.set_local_attention()
+    assert {a.attn.config.moba_topk for a in model.attention_layers()} == {1}
+    model.set_full_attention(False)
+    assert {a.attn.config.moba_topk for a in model.attention_layers()} == {
+        a.full_topk for a in model.attention_layers()
+    }
+    with pytest.raises(ValueError, match="equal-length"):
+        dense_causal(torch.zeros(5, 4, 8), torch.zeros(5, 2, 8), torch.zeros(5, 2, 8), cu)
