@@ -122,3 +122,21 @@ def test_auto_costs_are_lazy_host_objects():
     }
     with pytest.raises(ValueError, match="needs a fetch_limit"):
         cost_model.auto_costs(shape, [0.0] * 3, candidates=("streamed",))
+
+
+def test_runtime_prices_equal_inputs_once():
+    """Pricing is ~1 ms of host work per layer call: equal values (same shape, fractions, limit)
+    are priced once, and the memo's answer is the cost model's."""
+    from moba_dist.parallel import strategies
+
+    shape = cost_model.Shape(tokens=96, world=3, hq=4, hkv=2, head_dim=8, elem=8, block=4)
+    fractions, limit = (1.0, 1.0, 0.75), 1 << 30
+    strategies._priced.cache_clear()
+    first = strategies._priced(shape, fractions, False, limit)
+    again = strategies._priced(shape, fractions, False, limit)
+    assert strategies._priced.cache_info().hits == 1 and again is first
+    want = cost_model.auto_costs(shape, list(fractions), strategies.AUTO_LINKS, False,
+                                 ("selective", "allgather", "streamed"), limit)  # fmt: skip
+    assert first[0] == cost_model.choose(want, fetch_limit=limit)
+    summaries = {n: c.summary() for n, c in first[1].items()}
+    assert summaries == {n: c.summary() for n, c in want.items()}

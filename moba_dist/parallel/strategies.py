@@ -29,6 +29,7 @@ Transfers carry (row, KV head) vectors, K and V side by side as ``[n, 2D]``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -269,10 +270,21 @@ def auto_costs(
     holds after the plan (the union fractions, the shape, the limit): no collective, no device
     read. ``streamed`` is a candidate unless ``keep_fetched`` (which it refuses)."""
     limit = auto_fetch_limit(k.device, max_fetch_bytes)
-    names = ("selective", "allgather") + (() if keep_fetched else ("streamed",))
-    costs = cost_model.auto_costs(
-        auto_shape(routing, k), routing.union_fractions, AUTO_LINKS, keep_fetched, names, limit
+    taken, costs = _priced(
+        auto_shape(routing, k), tuple(routing.union_fractions), keep_fetched, limit
     )
+    return taken, dict(costs)
+
+
+@functools.lru_cache(maxsize=64)
+def _priced(
+    shape: cost_model.Shape, fractions: tuple[float, ...], keep_fetched: bool, limit: int
+) -> tuple[str, dict[str, cost_model.Cost]]:
+    """The cost model's answer for these exact values. Pricing takes ~1 ms of host time per
+    layer call (dozens of small float64 ops); the inputs repeat across layers and steps (at
+    scale every rank's union is often exactly 1.0), so equal values are priced once."""
+    names = ("selective", "allgather") + (() if keep_fetched else ("streamed",))
+    costs = cost_model.auto_costs(shape, list(fractions), AUTO_LINKS, keep_fetched, names, limit)
     return cost_model.choose(costs, fetch_limit=limit), costs
 
 
