@@ -291,13 +291,6 @@ def project(case: Case, links: cost.Links, comp: Compute, cache: dict | None = N
     return out
 
 
-def _direction_ms(mat: torch.Tensor, links: cost.Links, way: str) -> float:
-    """ms of an exchange of ``mat`` counting only the ``way`` (``recv`` / ``sent``) side."""
-    c = links.by_class(mat)
-    t = torch.maximum(c[f"intra_{way}"] / links.nvlink_gbs, c[f"inter_{way}"] / links.net_gbs)
-    return float(t.max()) / 1e6 + links.latency_us / 1e3
-
-
 def hot_blocks(case: Case, links: cost.Links, cache: dict | None = None) -> dict:
     """Hot blocks (issue 15 item 4): per-rank forward send bytes of ``selective`` (an owner of
     blocks everyone selects sends them to all), their max / mean ratio, and the forward fetch's
@@ -321,8 +314,8 @@ def hot_blocks(case: Case, links: cost.Links, cache: dict | None = None) -> dict
         mat = torch.kron(fetch, torch.eye(stride, dtype=fetch.dtype))  # world-size ranks
         out[name] = dict(world=world, send_max=top, send_mean=mean, send_ratio=ratio,
                          recv_max=max(sel.per_rank("bytes_received")),
-                         send_ms=_direction_ms(mat, links, "sent"),
-                         recv_ms=_direction_ms(mat, links, "recv"))  # fmt: skip
+                         send_ms=links.direction_ms(mat, "sent"),
+                         recv_ms=links.direction_ms(mat, "recv"))  # fmt: skip
     return out
 
 

@@ -134,11 +134,15 @@ class Links:
         """ms of an all-to-all moving ``mat [P, P]`` bytes: the slowest rank and direction.
         NVLink and the NIC work in parallel, unless ``sequential`` (ring-ordered steps, one
         peer at a time: a rank's intra- and inter-node bytes then add up)."""
+        return max(self.direction_ms(mat, way, sequential) for way in ("recv", "sent"))
+
+    def direction_ms(self, mat: torch.Tensor, way: str, sequential: bool = False) -> float:
+        """:meth:`collective_ms` counting one side only, ``way`` = ``"recv"`` or ``"sent"``:
+        which side bounds the exchange (a hot owner's sends, or a rank's receives)."""
         c = self.by_class(mat)
         join = torch.add if sequential else torch.maximum
-        recv = join(c["intra_recv"] / self.nvlink_gbs, c["inter_recv"] / self.net_gbs)
-        sent = join(c["intra_sent"] / self.nvlink_gbs, c["inter_sent"] / self.net_gbs)
-        return float(torch.maximum(recv, sent).max()) / 1e6 + self.latency_us / 1e3
+        t = join(c[f"intra_{way}"] / self.nvlink_gbs, c[f"inter_{way}"] / self.net_gbs)
+        return float(t.max()) / 1e6 + self.latency_us / 1e3
 
     def ring_bw(self, world: int, stride: int = 1) -> float:
         """Bytes per ms of a ring hop over ``world`` ranks ``stride`` apart (the NIC once the

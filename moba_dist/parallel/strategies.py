@@ -43,7 +43,7 @@ from moba_dist.parallel.heads import Heads
 from moba_dist.parallel.plan import Routing
 from moba_dist.parallel.requests import compact, keys_from_positions, ranges
 from moba_dist.parallel.stats import row_traffic
-from moba_dist.parallel.streamed import CPU_MAX_FETCH_BYTES, CUDA_FREE_SHARE, Streamed
+from moba_dist.parallel.streamed import Streamed, default_max_fetch_bytes
 
 if TYPE_CHECKING:
     from moba_dist.parallel.config import CPConfig
@@ -248,10 +248,7 @@ def auto_fetch_limit(device: torch.device, max_fetch_bytes: int | None) -> int:
     taken, ``streamed`` sizes its pieces as always (``max_fetch_bytes`` or its own default)."""
     if max_fetch_bytes is not None:
         return max_fetch_bytes
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return max(1, int(total * CUDA_FREE_SHARE))
-    return CPU_MAX_FETCH_BYTES
+    return default_max_fetch_bytes(device, of_total=True)
 
 
 def auto_shape(routing: Routing, k: torch.Tensor) -> cost_model.Shape:

@@ -54,11 +54,16 @@ CUDA_FREE_SHARE = 0.25
 Merge = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def default_max_fetch_bytes(device: torch.device) -> int:
-    """The budget of ``max_fetch_bytes=None`` on ``device`` (module doc)."""
+def default_max_fetch_bytes(device: torch.device, of_total: bool = False) -> int:
+    """The budget of ``max_fetch_bytes=None`` on ``device`` (module doc). ``of_total``: the
+    share of the device's total memory instead of its free memory (the same on every rank of a
+    uniform job, so ``auto`` can decide without exchanging it)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(1, int(free * CUDA_FREE_SHARE))
+        if of_total:
+            memory = torch.cuda.get_device_properties(device).total_memory
+        else:
+            memory, _ = torch.cuda.mem_get_info(device)
+        return max(1, int(memory * CUDA_FREE_SHARE))
     return CPU_MAX_FETCH_BYTES
 
 
