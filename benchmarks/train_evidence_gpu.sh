@@ -60,7 +60,7 @@ print("torch", torch.__version__, "triton", triton.__version__)'
        "$WORK/lr_LR -- ${MODEL[*]}"
 } > "$OUT/env.txt" 2>&1
 
-port=29600
+port=${PORT:-29600}  # distinct per concurrent invocation of this script
 for lr in ${LRS//,/ }; do
   MASTER_PORT=$port timeout -k 10 "$BUDGET_S" "$PY" examples/train_evidence.py \
     --variants "$ORDER" --lrs "$lr" --out-dir "$WORK/lr_$lr" -- "${MODEL[@]}" \
