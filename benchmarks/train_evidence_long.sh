@@ -18,3 +18,6 @@ for v in moba full topk1; do
 done
 wait
 for v in moba full topk1; do tail -n 3 "$OUT/$v.log"; done
+# The device returns at most 8 files: everything travels as one archive.
+tar czf "$OUT/long.tgz" -C "$OUT" moba full topk1 moba.log full.log topk1.log
+rm -rf "$OUT"/{moba,full,topk1} "$OUT"/*.log
