@@ -22,12 +22,11 @@ OUT=${OUT:?set OUT to the output directory}
 # either: at this stage loss falls per optimizer step more than per token (CPU, context 1024:
 # batch 32 reached 3.40 bits/byte at 1.6M tokens, batch 8 2.81), so the defaults keep batch 2
 # and cut steps to fit: 400 steps, about 0.8 x 461 = 370 s for the five variants.
-# BLOCK=1024 keeps the paper's 16 blocks a window (8K context, block 512): full attention's slow
-# start grows with the blocks a query can read (CPU, 600 steps: full behind topk = 1 beyond 2
-# blocks by 0.17 bits/byte at 16 blocks, 0.32 at 32). EXTRA_ARGS (whitespace-separated
-# train_cp.py options) is appended to every run. The next run to try (not made yet; on CPU at 16
-# blocks a window, full attention with a 25% own-block warmup overtook topk = 1 beyond 2 blocks
-# after ~500 steps): BLOCK=1024 STEPS=420 EXTRA_ARGS="--dense-full --local-warmup 105".
+# BLOCK selects the block size (BLOCK=1024 keeps 16 blocks a window). EXTRA_ARGS
+# (whitespace-separated train_cp.py options) is appended to every run. With EXTRA_ARGS="--dense-full
+# --local-warmup 200" and STEPS=800 (results/nvidia-h200/train_evidence_2026-12-02/) every variant
+# picked 1.5e-3 at blocks 512 and 1024 and topk = 1 still led beyond 2 blocks; at 2400 steps
+# (benchmarks/train_evidence_long.sh, through this script) full attention leads there.
 LRS=${LRS:-7.5e-4,1.5e-3,3e-3}
 BATCH=${BATCH:-2}
 BLOCK=${BLOCK:-512}
