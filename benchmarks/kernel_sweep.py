@@ -2,8 +2,7 @@
 
 For each case it builds the op's own routing (gate, plan), then times the forward kernels, the
 dK/dV and the dQ kernels for every candidate tile shape, checks each result against the default
-shape's, times the whole backward with dQ separate and fused into dK/dV, and times the plan build
-and the dense Triton yardstick. One JSON line per measurement
+shape's, and times the plan build and the dense Triton yardstick. One JSON line per measurement
 goes to ``--out`` (and stdout); the chosen shapes are committed in ``plan_types`` by hand.
 
     PYTHONPATH=. python benchmarks/kernel_sweep.py --out DIR [--cases h32-32k,...] [--quick]
@@ -146,39 +145,6 @@ def sweep_case(name, dev, out, reps):
     torch.cuda.empty_cache()
 
 
-def fused_case(name, dev, out, reps):
-    """The whole backward (``bwd_all``) with the separate dQ kernel, then with dQ fused into the
-    dK/dV programs over a few dK/dV tiles; errors of dq, dk, dv relative to the separate path."""
-    q, k, v, do, prob, flops = build(name, dev)
-    plan = triton_moba.plan_entries(prob.sel, prob.num_blocks, k.shape[1])
-    o, lse = fwd_chunks(q, k, v, prob, plan, FwdConfig())
-    d = q.shape[-1]
-    base = None
-    for fused, tile in [
-        (False, None),
-        (True, None),
-        (True, (64, 128, 8, 2)),
-        (True, (128, 64, 8, 2)),
-    ]:
-        tiles = {} if tile is None else {"dkdv": {d: TileConfig(*tile)}}
-        bc = BwdConfig(fused_dq=fused, **tiles)
-
-        def run(bc=bc):
-            return triton_bwd.bwd_all(do, q, k, v, o, lse, prob, plan, q.dtype, bc)
-
-        try:
-            got = run()
-            base = got if base is None else base
-            ms = median_ms(run, reps, dev)
-            errs = [rel_err(a, b) for a, b in zip(got, base, strict=True)]
-            emit(out, case=name, what="bwd", fused_dq=fused, dkdv=tile, ms=ms,
-                 tflops=2.5 * flops / ms / 1e9, errs=errs)  # fmt: skip
-        except Exception as e:
-            emit(out, case=name, what="bwd", fused_dq=fused, dkdv=tile,
-                 error=f"{type(e).__name__}: {e}"[:300])  # fmt: skip
-    torch.cuda.empty_cache()
-
-
 def check_small(dev, out):
     """bf16 kernels vs the float32 reference, and the bf16 torch reference's own error."""
     from moba_dist import moba_attn_varlen
@@ -294,7 +260,7 @@ def main():
     t0 = time.time()
     with open(os.path.join(args.out, "sweep.jsonl"), "w") as out:
         emit(out, what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
-        for part in ("check", "fused", "cases", "dense", "profile"):
+        for part in ("check", "cases", "dense", "profile"):
             if part in args.skip.split(","):
                 continue
             try:
@@ -304,9 +270,6 @@ def main():
                     dense_yardstick(dev, out, args.reps)
                 elif part == "profile":
                     profile(dev, args.out, args.profile)
-                elif part == "fused":
-                    for name in args.cases.split(","):
-                        fused_case(name, dev, out, args.reps)
                 else:
                     for name in args.cases.split(","):
                         sweep_case(name, dev, out, args.reps)

@@ -188,46 +188,6 @@ def test_dkdv_slabs_accumulate(max_block_rows):
             torch.testing.assert_close(a.float(), b, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-FUSED_CASES = ["ragged-packed-B16-top3", "gqa4to1-top2", "top-ge-blocks", "B40-d96-top3"]
-
-
-@pytest.mark.parametrize("slab_elems", [None, 2 * 64 * 24], ids=["one-slab", "tiny-slabs"])
-@pytest.mark.parametrize("name", FUSED_CASES)
-def test_fused_dq_matches_reference(name, slab_elems, monkeypatch):
-    # dQ from the dK/dV programs (atomics): same tolerance as the separate kernel, whose dQ is
-    # the same float32 sums in another order; tiny slabs split groups over several launches.
-    from moba_dist.kernels import triton_bwd
-
-    monkeypatch.setattr(triton_bwd, "_dq", lambda *a: pytest.fail("separate dQ kernel ran"))
-    cfg = BwdConfig(fused_dq=True, **({} if slab_elems is None else {"slab_elems": slab_elems}))
-    q, k, v, do, _, layout, sel = make(*CASES[name], seed=3)
-    pos = torch.arange(q.shape[0], device=DEV)
-    keys = RoutedKeys(layout.block_starts, pos)
-    scale = q.shape[-1] ** -0.5
-    out, lse = rfwd(q, k, v, pos, keys, sel, scale)
-    got = tbwd(do, q, k, v, out, lse, pos, keys, sel, scale, config=cfg)
-    want = rbwd(do, q, k, v, out, lse, pos, keys, sel, scale)
-    for grad, a, b in zip(["dq", "dk", "dv"], got, want, strict=True):
-        close(grad, a, b)
-
-
-def test_fused_dq_yields_to_deterministic_mode():
-    # Under use_deterministic_algorithms the atomics path must not run: the result is the
-    # separate dQ kernel's, bit for bit.
-    q, k, v, do, _, layout, sel = make([60], 8, 4, 2, 64, 3, seed=6)
-    pos = torch.arange(60, device=DEV)
-    keys = RoutedKeys(layout.block_starts, pos)
-    out, lse = rfwd(q, k, v, pos, keys, sel, 0.125)
-    plain = tbwd(do, q, k, v, out, lse, pos, keys, sel, 0.125)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        fused = tbwd(do, q, k, v, out, lse, pos, keys, sel, 0.125, config=BwdConfig(fused_dq=True))
-    finally:
-        torch.use_deterministic_algorithms(was)
-    assert all(torch.equal(a, b) for a, b in zip(plain, fused, strict=True))
-
-
 @pytest.mark.skipif(DEV != "cpu", reason="checks the interpreter's CPU rules")
 def test_unavailable_reason():
     assert triton_moba.unavailable_reason(torch.zeros(2, 1, 64, dtype=torch.float32)) is None

@@ -82,8 +82,7 @@ def _dense_dkdv(
         for m0 in range(nb * BLOCK_N // BLOCK_M * BLOCK_M, S, BLOCK_M):
             dk, dv = dkdv_tile_step(
                 dk, dv, kt, vt, cols, Q + bh * S * D, DO + bh * S * D, LSE2 + bh * S,
-                DELTA + bh * S, POS, POS, DK, m0, 0, D, ones, scale_log2, False, False, False,
-                BLOCK_M, D, False,
+                DELTA + bh * S, POS, m0, 0, D, ones, scale_log2, False, False, False, BLOCK_M, D,
             )  # fmt: skip
     tl.store(DK + koff, (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + koff, dv.to(DV.dtype.element_ty))

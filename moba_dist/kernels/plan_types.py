@@ -141,9 +141,7 @@ class BwdConfig:
     """Knobs of the triton backward. ``dkdv`` / ``dq``: launch shapes per head dim (H200
     defaults from the same sweep as ``FwdConfig``). ``slab_elems``: gathered q + dout elements of
     one dK/dV slab (512 MiB in bf16). ``chunk_elems``: float32 elements of one chunk's per-entry
-    dQ partial buffer. ``fused_dq``: the dK/dV programs also accumulate dQ, in float32 with
-    atomics (two of the backward's seven matmuls fewer, not bitwise repeatable); ignored, and the
-    separate dQ kernel used, under ``torch.use_deterministic_algorithms(True)``."""
+    dQ partial buffer."""
 
     dkdv: dict[int, TileConfig] = field(
         default_factory=lambda: {
@@ -163,13 +161,10 @@ class BwdConfig:
     )
     slab_elems: int = 1 << 28
     chunk_elems: int = 1 << 28
-    fused_dq: bool = False
 
     def __post_init__(self) -> None:
         _check_table("BwdConfig.dkdv", self.dkdv)
         _check_table("BwdConfig.dq", self.dq)
-        if not isinstance(self.fused_dq, bool):
-            raise ValueError(f"BwdConfig.fused_dq must be a bool, got {self.fused_dq!r}")
         for name in ("slab_elems", "chunk_elems"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -13,11 +13,6 @@ bitwise repeatable:
   row (with its KV head) belongs to exactly one group, so one program per launch writes it.
 - ``_dq_kernel``: one program per entry tile (the forward's tiles), streaming the block's keys;
   writes a per-entry partial dQ, summed over the K slots of each (t, h) afterwards.
-
-With ``BwdConfig(fused_dq=True)`` the dK/dV programs also form dQ = dS K from the dS they already
-hold and add it to a float32 buffer with atomics, and the dQ kernel (which recomputes QK^T and
-dO V^T) does not run: five matmuls per tile instead of seven, at the price of bitwise
-repeatability, so deterministic mode keeps the separate kernel.
 """
 
 from __future__ import annotations
@@ -63,8 +58,8 @@ def _prep_kernel(
 
 @triton.jit
 def _gather_kernel(
-    COMP, Q, DO, LSE2, DELTA, QPOS, QS, DOS, LSE2S, DELTAS, QPOSS, THS, b0, n_rows, NENT, KSEL,
-    HQ, D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr, STORE_TH: tl.constexpr,
+    COMP, Q, DO, LSE2, DELTA, QPOS, QS, DOS, LSE2S, DELTAS, QPOSS, b0, n_rows, NENT, KSEL, HQ,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # Slab row i <- entry comp[b0 + i]: its q / dout rows, lse2, delta and position, in one pass
     # (replaces five torch gathers and the int64 index arithmetic feeding them).
@@ -80,8 +75,6 @@ def _gather_kernel(
     tl.store(LSE2S + i, tl.load(LSE2 + th, mask=iv), mask=iv)
     tl.store(DELTAS + i, tl.load(DELTA + th, mask=iv), mask=iv)
     tl.store(QPOSS + i, tl.load(QPOS + th // HQ, mask=iv), mask=iv)
-    if STORE_TH:  # the fused dQ's destination row
-        tl.store(THS + i, th, mask=iv)
 
 
 @triton.jit
@@ -106,13 +99,12 @@ def _dq_sum_kernel(
 
 @triton.jit
 def dkdv_tile_step(
-    dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, THS, DQACC, m0, n_left, slab_off, dmask,
-    scale_log2, MASK_M: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, DP: tl.constexpr, FUSED_DQ: tl.constexpr,
+    dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, m0, n_left, slab_off, dmask, scale_log2,
+    MASK_M: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    DP: tl.constexpr,
 ):  # fmt: skip
     """One tile of BLOCK_M slab rows from ``m0`` against the program's keys. ``MASK_M``: only
-    ``n_left`` rows remain (the group's last, ragged tile). ``FUSED_DQ``: also add the tile's dQ
-    share (unscaled) to the float32 rows ``DQACC[THS[row]]`` with atomics."""
+    ``n_left`` rows remain (the group's last, ragged tile)."""
     rows = m0 + tl.arange(0, BLOCK_M)
     off = rows[:, None] * slab_off + tl.arange(0, DP)[None, :]
     if MASK_M:
@@ -138,29 +130,16 @@ def dkdv_tile_step(
     pt = tl.where(kpos[:, None] <= qpos[None, :], tl.exp2(st - lse2[None, :]), 0.0)
     dv += tile_dot(pt, do, IEEE)
     dpt = tile_dot(vt, tl.trans(do), IEEE)
-    dst = pt * (dpt - delta[None, :])
-    dk += tile_dot(dst, q, IEEE)
-    if FUSED_DQ:
-        dq = tile_dot(tl.trans(dst), kt, IEEE)
-        if MASK_M:
-            th = tl.load(THS + rows, mask=rv, other=0)
-            dq_p = DQACC + th[:, None] * slab_off + tl.arange(0, DP)[None, :]
-            tl.atomic_add(dq_p, dq, mask=rv[:, None] & dmask[None, :], sem="relaxed")
-        else:
-            dq_p = DQACC + tl.load(THS + rows)[:, None] * slab_off + tl.arange(0, DP)[None, :]
-            if MASK_D:
-                tl.atomic_add(dq_p, dq, mask=dmask[None, :], sem="relaxed")
-            else:
-                tl.atomic_add(dq_p, dq, sem="relaxed")
+    dk += tile_dot(pt * (dpt - delta[None, :]), q, IEEE)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    QS, K, V, DOS, LSE2S, DELTAS, QPOSS, THS, KPOS, BROWS, GOFF, GLO, GHI, NGROUP, NINDEX, DK,
-    DV, ACCK, ACCV, DQACC, RD_OFF, WR_OFF, b0, scale_log2, scale, HKV, K_ROW, K_HEAD,
+    QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GOFF, GLO, GHI, NGROUP, NINDEX, DK, DV,
+    ACCK, ACCV, RD_OFF, WR_OFF, b0, scale_log2, scale, HKV, K_ROW, K_HEAD,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, ACCUM: tl.constexpr, FUSED_DQ: tl.constexpr,
+    IEEE: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     grp = tl.load(NGROUP + pid)
@@ -169,8 +148,7 @@ def _dkdv_kernel(
     blk = grp // HKV
     kvh = grp % HKV
     r1 = tl.load(BROWS + blk + 1)
-    ktile = tl.load(NINDEX + pid)
-    inblk = ktile * BLOCK_N + tl.arange(0, BLOCK_N)  # row within the block
+    inblk = tl.load(NINDEX + pid) * BLOCK_N + tl.arange(0, BLOCK_N)  # row within the block
     cols = tl.load(BROWS + blk) + inblk
     cvalid = cols < r1
     kpos = tl.load(KPOS + cols, mask=cvalid, other=0)
@@ -189,18 +167,15 @@ def _dkdv_kernel(
     s1 = (tl.load(GHI + grp) - b0).to(tl.int32)
     n_full = (s1 - s0) // BLOCK_M
     for i in range(n_full):
-        # With fused dQ, the group's key tiles start at different slab tiles, so they do not
-        # add into the same dQ rows at the same time.
-        j = (i + ktile) % n_full if FUSED_DQ else i
         dk, dv = dkdv_tile_step(
-            dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, THS, DQACC, s0 + j * BLOCK_M, 0,
-            D, dmask, scale_log2, False, DP != D, IEEE, BLOCK_M, DP, FUSED_DQ,
+            dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, s0 + i * BLOCK_M, 0, D, dmask,
+            scale_log2, False, DP != D, IEEE, BLOCK_M, DP,
         )  # fmt: skip
     m0 = s0 + n_full * BLOCK_M
     if m0 < s1:
         dk, dv = dkdv_tile_step(
-            dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, THS, DQACC, m0, s1 - m0, D,
-            dmask, scale_log2, True, DP != D, IEEE, BLOCK_M, DP, FUSED_DQ,
+            dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, m0, s1 - m0, D, dmask,
+            scale_log2, True, DP != D, IEEE, BLOCK_M, DP,
         )  # fmt: skip
     dk = dk * scale
     if ACCUM:
@@ -300,12 +275,10 @@ def _max_block_rows(prob: RoutedProblem) -> int:
     return int((rows[1:] - rows[:-1]).max()) if rows.numel() > 1 else 0  # one host sync
 
 
-def _dkdv(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg, dk, dv,
-          dq_acc=None):  # fmt: skip
+def _dkdv(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg, dk, dv):
     """dK/dV over entry slabs: each slab's query rows are gathered into contiguous buffers first,
     then one launch covers every (group, key tile) with entries in the slab. Writes ``dk``,
-    ``dv`` in place (accumulated in float32 across slabs when there are several). With
-    ``dq_acc`` (float32 ``[Tq * Hq, D]``, zeros), also adds the unscaled dQ into it."""
+    ``dv`` in place (accumulated in float32 across slabs when there are several)."""
     tk, hkv, d = k.shape
     tile = cfg.dkdv_tile(q)
     keys = prob.keys
@@ -327,27 +300,24 @@ def _dkdv(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg,
     qs, dos = q.new_empty(rows, d), dout.new_empty(rows, d)
     lse2s, deltas = lse2.new_empty(rows), delta.new_empty(rows)
     qposs = prob.q_pos.new_empty(rows)
-    fused = dq_acc is not None
-    ths = prob.q_pos.new_empty(rows if fused else 1)
     scale = prob.softmax_scale
     for i, b0 in enumerate(range(0, n_ent, slab)):
         b1 = min(n_ent, b0 + slab)
         _gather_kernel[(triton.cdiv(b1 - b0, _GATHER_ROWS),)](
-            plan.comp, q, dout, lse2, delta, prob.q_pos, qs, dos, lse2s, deltas, qposs, ths, b0,
+            plan.comp, q, dout, lse2, delta, prob.q_pos, qs, dos, lse2s, deltas, qposs, b0,
             b1 - b0, n_ent, plan.topk, plan.hq, D=d, DP=padded_dim(d), BLOCK_R=_GATHER_ROWS,
-            STORE_TH=fused,
         )  # fmt: skip
         glo = plan.group_off[:-1].clamp(b0, b1)
         ghi = plan.group_off[1:].clamp(b0, b1)
         group, index = tile_table(torch.where(ghi > glo, blk_len, 0), tile.block_n, bound)
         half = carry_rows * d
         _dkdv_kernel[(bound,)](
-            qs, k, v, dos, lse2s, deltas, qposs, ths, keys.k_pos, keys.block_rows,
-            plan.group_off, glo, ghi, group.to(torch.int32), index, dk, dv, acc_k, acc_v,
-            dq_acc if fused else acc_k, (i % 2) * half, ((i + 1) % 2) * half, b0,
-            scale * _LOG2E, scale, hkv, k.stride(0), k.stride(1), D=d, DP=padded_dim(d),
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, IEEE=q.dtype == torch.float32,
-            ACCUM=multi, FUSED_DQ=fused, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            qs, k, v, dos, lse2s, deltas, qposs, keys.k_pos, keys.block_rows, plan.group_off,
+            glo, ghi, group.to(torch.int32), index, dk, dv, acc_k, acc_v, (i % 2) * half,
+            ((i + 1) % 2) * half, b0, scale * _LOG2E, scale, hkv, k.stride(0), k.stride(1),
+            D=d, DP=padded_dim(d), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            IEEE=q.dtype == torch.float32, ACCUM=multi, num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
         )  # fmt: skip
 
 
@@ -409,17 +379,13 @@ def bwd_all(
     """``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in ``grad_dtype`` (contiguous inputs, int64
     positions and block rows in ``prob``)."""
     tq = q.shape[0]
+    dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     # Key rows no query selected get no program: they must start at zero.
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=grad_dtype, device=v.device)
     if tq == 0 or k.shape[0] == 0:
-        return torch.zeros(q.shape, dtype=grad_dtype, device=q.device), dk, dv
+        return dq.zero_(), dk, dv
     lse2, delta = prep_rows(dout, out, lse, dlse)
-    if config.fused_dq and not torch.are_deterministic_algorithms_enabled():
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _dkdv(q, k, v, dout, lse2, delta, prob, plan, config, dk, dv, dq_acc)
-        return dq_acc.mul_(prob.softmax_scale).to(grad_dtype), dk, dv
-    dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     _dkdv(q, k, v, dout, lse2, delta, prob, plan, config, dk, dv)
     _dq(q, k, v, dout, lse2, delta, prob, plan, config, dq)
     return dq, dk, dv
