@@ -37,7 +37,8 @@ EVAL_WINDOWS=${EVAL_WINDOWS:-16}  # held-out windows of 16384 per eval (the test
 BUDGET_S=${BUDGET_S:-400}
 PY=${PYTHON:-python3}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS=4 TQDM_MININTERVAL=10
-ORDER=${ORDER:-moba,full,topk1,hybrid_last,hybrid_final}  # a subset splits the sweep over calls (--merge joins them)
+# A subset of ORDER splits the sweep over device calls (--merge joins them).
+ORDER=${ORDER:-moba,full,topk1,hybrid_last,hybrid_final}
 MODEL=(--seq-len 16384 --block "$BLOCK" --topk 3 --layers 4 --dim 256 --heads 8 --kv-heads 2
        --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --eval-every "$EVAL_EVERY"
        --eval-batches $(( (EVAL_WINDOWS + BATCH - 1) / BATCH ))

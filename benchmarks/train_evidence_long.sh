@@ -17,7 +17,7 @@ port=29700
 for v in $VARIANTS; do
   mkdir -p "$OUT/$v"
   ORDER=$v PORT=$port OUT=$OUT/$v bash benchmarks/train_evidence_gpu.sh > "$OUT/$v.log" 2>&1 &
-  port=$((port + 1))
+  port=$((port + 10))  # train_evidence_gpu.sh takes one port per learning rate from PORT up
 done
 wait
 for v in $VARIANTS; do tail -n 3 "$OUT/$v.log"; done
