@@ -6,6 +6,9 @@
 #
 #   OUT=runs/te_long STEPS=2400 bash benchmarks/train_evidence_long.sh
 #   OUT=runs/te_hyb VARIANTS="hybrid_last hybrid_final" bash benchmarks/train_evidence_long.sh
+#
+# LR may be a comma-separated list (one process per variant and learning rate). PORT (default
+# 29700) is the first rendezvous port; two invocations running at once need bases 100 apart.
 set -u
 OUT=${OUT:?set OUT to the output directory}
 STEPS=${STEPS:-2400}
@@ -13,7 +16,7 @@ LR=${LR:-1.5e-3}
 export STEPS LRS=$LR EVAL_EVERY=$((STEPS / 10)) BLOCK=${BLOCK:-512} BUDGET_S=${BUDGET_S:-500}
 export EXTRA_ARGS="--dense-full --local-warmup $((STEPS / 4))"
 VARIANTS=${VARIANTS:-moba full topk1}
-port=29700
+port=${PORT:-29700}
 for v in $VARIANTS; do
   mkdir -p "$OUT/$v"
   ORDER=$v PORT=$port OUT=$OUT/$v bash benchmarks/train_evidence_gpu.sh > "$OUT/$v.log" 2>&1 &
