@@ -31,6 +31,8 @@ CASES = {  # name: (lens, hq, hkv, d, block, topk)
     "h16-128k": ([128 * K], 16, 16, 128, 512, 3),
     "gqa-128k-b512": ([128 * K], 32, 8, 128, 512, 8),
     "h32-128k-b4096": ([128 * K], 32, 32, 128, 4096, 12),
+    "gqa-128k-b4096": ([128 * K], 32, 8, 128, 4096, 12),
+    "fm-64k": ([64 * K] * 2, 16, 16, 128, 128, 8),
     "fm-128k": ([128 * K] * 2, 16, 16, 128, 128, 8),
     "d64-32k": ([32 * K], 32, 8, 64, 512, 3),
     "d256-32k": ([32 * K], 16, 4, 256, 512, 3),
@@ -45,6 +47,11 @@ SMALL_D = {
     96: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
 LAYOUTS = ("token", "head")
+BWD = [  # (tag, BwdConfig keywords): the whole backward, D = 128
+    ("default", {}),
+    ("no-skip", dict(dkdv_skip=False)),
+    ("slab28-chunk28", dict(slab_elems=1 << 28, chunk_elems=1 << 28)),
+]
 
 
 def kv_layout(x, layout):
@@ -142,6 +149,30 @@ def sweep_case(name, dev, out, reps):
     time_variants(out, name, "dkdv", dkdv, flops, reps, dev)
     dq = dq_variants(q, k, v, do, lse2, delta, prob, plan, SMALL_D.get(d, DQ))
     time_variants(out, name, "dq", dq, 0.75 * flops, reps, dev)
+    torch.cuda.empty_cache()
+
+
+def bwd_case(name, dev, out, reps):
+    """The whole backward (``bwd_all``) per ``BWD`` variant, and the forward with one partial
+    chunk, against the defaults (bwd rows: ``err`` of dk, ``lse_err`` = max |dq - dq default|)."""
+    q, k, v, do, prob, flops = build(name, dev)
+    plan = triton_moba.plan_entries(prob.sel, prob.num_blocks, k.shape[1])
+    fwd = [
+        (dict(chunk=c), lambda c=c: fwd_chunks(q, k, v, prob, plan, FwdConfig(chunk_elems=c)))
+        for c in (1 << 28, 1 << 30)
+    ]
+    o, lse = time_variants(out, name, "fwd-chunk", fwd, flops, reps, dev)
+
+    def run(cfg):
+        dq, dk, _ = triton_bwd.bwd_all(do, q, k, v, o, lse, prob, plan, q.dtype, cfg)
+        return dk, dq
+
+    def variants():
+        for tag, kw in BWD:
+            cfg = BwdConfig(**kw)
+            yield dict(tag=tag), lambda cfg=cfg: run(cfg)
+
+    time_variants(out, name, "bwd", variants(), 2.5 * flops, reps, dev)
     torch.cuda.empty_cache()
 
 
@@ -260,7 +291,7 @@ def main():
     t0 = time.time()
     with open(os.path.join(args.out, "sweep.jsonl"), "w") as out:
         emit(out, what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
-        for part in ("check", "cases", "dense", "profile"):
+        for part in ("check", "bwd", "cases", "dense", "profile"):
             if part in args.skip.split(","):
                 continue
             try:
@@ -268,6 +299,10 @@ def main():
                     check_small(dev, out)
                 elif part == "dense":
                     dense_yardstick(dev, out, args.reps)
+                elif part == "bwd":
+                    for name in args.cases.split(","):
+                        bwd_case(name, dev, out, args.reps)
+                        emit(out, what="elapsed", s=time.time() - t0)
                 elif part == "profile":
                     profile(dev, args.out, args.profile)
                 else:

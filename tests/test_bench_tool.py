@@ -133,12 +133,26 @@ def test_quick_runs_assemble_one_folder(tmp_path):
     assert all((folder / p).stat().st_size > 10_000 for p in ("op.png", "layer.png", "decode.png"))
 
 
+@pytest.mark.timeout(300)
+def test_baselines_pick_the_dense_rows(tmp_path):
+    # On CPU the only baseline is dense-math: naming another times MoBA alone (no dense
+    # columns); naming dense-math keeps it as the run's dense.
+    common = ["local", "--quick", "--cases", "q-single", "--out-root", str(tmp_path)]
+    for tag, base, want in (("a", "triton-dense", None), ("b", "dense-math", "dense-math")):
+        assert main([*common, "--tag", tag, "--commit", "c", "--baselines", base]) == 0
+        folder = next((tmp_path / "cpu").glob(f"*-{tag}"))
+        rows = json.loads((folder / "rows.json").read_text())["rows"]
+        assert [r["backend"] for r in rows] == ["reference", *([want] if want else [])]
+        assert rows[0]["dense_fwdbwd_backend"] == want
+
+
 def test_bad_arguments_are_refused(capsys):
     for argv, msg in (
         (["local", "--quick", "--cases", "nope"], "unknown case 'nope'"),
         (["decode", "--quick", "--cases", "q-single"], "is a op case"),
         (["cp", "--quick"], "--quick has no cp job"),
         (["local", "--quick", "--reps", "0"], "must be > 0"),
+        (["local", "--quick", "--baselines", "dense-fa3"], "--baselines takes names from"),
     ):
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -14,6 +14,7 @@ import torch
 
 from .cases import select_cases
 from .common import device_slug
+from .dense import YARDSTICK
 from .report import write_run
 
 __all__ = ["main"]
@@ -41,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dense-long",
         action="store_true",
         help="also time dense baselines on sequences >= 512K tokens (slow)",
+    )
+    ap.add_argument(
+        "--baselines",
+        type=lambda s: tuple(s.split(",")),
+        help="local job: the dense baselines to time, comma-separated (default: all; the "
+        "faster of those timed is the run's dense), e.g. dense-fa2 for FA2-relative targets",
     )
     ap.add_argument(
         "--profile",
@@ -106,7 +113,9 @@ def _case_rows(a, case, device, backend, log) -> list[dict]:
     if a.job == "local":
         from .local import run_local_case
 
-        return run_local_case(case, device, backend, a.reps, a.budget_s, a.dense_long, log)
+        return run_local_case(
+            case, device, backend, a.reps, a.budget_s, a.dense_long, log, a.baselines
+        )
     if a.job == "decode":
         from .decode import run_decode_case
 
@@ -138,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             f"--reps, --budget-s and --acc-tokens must be > 0, got {a.reps}, "
             f"{a.budget_s}, {a.acc_tokens}"
         )
+    known = ("dense-cudnn", "dense-fa2", "dense-math", YARDSTICK)
+    if a.baselines and not set(a.baselines) <= set(known):
+        ap.error(f"--baselines takes names from {', '.join(known)}, got {','.join(a.baselines)}")
     if a.quick and a.job == "cp":
         ap.error("--quick has no cp job (the cp job needs NCCL GPUs under torchrun)")
     if not a.quick and not torch.cuda.is_available() and a.job != "cp":

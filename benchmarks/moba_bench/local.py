@@ -111,13 +111,14 @@ def _is_dense(name: str) -> bool:
     return name.startswith("dense") or name == dense.YARDSTICK
 
 
-def _names(case: Case, backend: str, device) -> tuple[str, ...]:
-    """MoBA, the dense baselines, and the Triton yardstick where its kernel applies."""
-    names = (backend, *dense.dense_backends(device))
+def _names(case: Case, backend: str, device, baselines: tuple[str, ...] | None) -> tuple[str, ...]:
+    """MoBA, the dense baselines, and the Triton yardstick where its kernel applies; only the
+    ``baselines`` named (all when None)."""
+    names = dense.dense_backends(device)
     equal = len(set(case.lens)) == 1 and case.longest % 128 == 0
     if device.type == "cuda" and case.kind == "op" and equal and case.d in (64, 128, 256):
         names += (dense.YARDSTICK,)
-    return names
+    return (backend, *(n for n in names if baselines is None or n in baselines))
 
 
 def _base_row(case: Case) -> dict:
@@ -141,13 +142,21 @@ def _base_row(case: Case) -> dict:
 
 
 def run_local_case(
-    case: Case, device, backend: str, reps: int, budget_s: float, dense_long: bool, log=print
+    case: Case,
+    device,
+    backend: str,
+    reps: int,
+    budget_s: float,
+    dense_long: bool,
+    log=print,
+    baselines: tuple[str, ...] | None = None,
 ) -> list[dict]:
-    """Every row of one op or layer case; a failing backend leaves an ``error`` in its row."""
+    """Every row of one op or layer case; a failing backend leaves an ``error`` in its row.
+    ``baselines``: the dense backends (and yardstick) to time, all when None."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     budget, rows = Budget(budget_s), []
     q, k, v, do, cu = make_inputs(case, device, dtype)
-    for name in _names(case, backend, device):
+    for name in _names(case, backend, device, baselines):
         row = dict(_base_row(case), backend=name)
         try:
             if _is_dense(name) and case.longest >= LONG_DENSE and not dense_long:

@@ -135,11 +135,28 @@ def dkdv_tile_step(
 
 
 @triton.jit
+def _first_seeing_tile(QPOSS, s0, n_full, kmin, BLOCK_M: tl.constexpr):
+    """Number of leading full BLOCK_M-row tiles (from slab row ``s0``) whose rows all sit before
+    ``kmin``, the first key position of this program: they see none of its keys (p = 0), so
+    skipping them keeps the sums bitwise. A scan that stops at the first tile with a row at or
+    past ``kmin`` is right whatever the row order; in a group's ascending order the blind tiles
+    are the diagonal block's early rows, a few position loads each."""
+    rows = tl.arange(0, BLOCK_M)
+    i = 0
+    go = n_full > 0
+    while go:
+        go = tl.max(tl.load(QPOSS + s0 + i * BLOCK_M + rows), 0) < kmin
+        i += go.to(tl.int32)
+        go = go & (i < n_full)
+    return i
+
+
+@triton.jit
 def _dkdv_kernel(
     QS, K, V, DOS, LSE2S, DELTAS, QPOSS, KPOS, BROWS, GOFF, GLO, GHI, NGROUP, NINDEX, DK, DV,
     ACCK, ACCV, RD_OFF, WR_OFF, b0, scale_log2, scale, HKV, K_ROW, K_HEAD,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, ACCUM: tl.constexpr,
+    IEEE: tl.constexpr, ACCUM: tl.constexpr, SKIP: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     grp = tl.load(NGROUP + pid)
@@ -166,7 +183,11 @@ def _dkdv_kernel(
     s0 = (tl.load(GLO + grp) - b0).to(tl.int32)
     s1 = (tl.load(GHI + grp) - b0).to(tl.int32)
     n_full = (s1 - s0) // BLOCK_M
-    for i in range(n_full):
+    i0 = 0
+    if SKIP:
+        kmin = tl.min(tl.where(cvalid, kpos, kpos.max()), 0)
+        i0 = _first_seeing_tile(QPOSS, s0, n_full, kmin, BLOCK_M)
+    for i in range(i0, n_full):
         dk, dv = dkdv_tile_step(
             dk, dv, kt, vt, kpos, QS, DOS, LSE2S, DELTAS, QPOSS, s0 + i * BLOCK_M, 0, D, dmask,
             scale_log2, False, DP != D, IEEE, BLOCK_M, DP,
@@ -316,8 +337,8 @@ def _dkdv(q, k, v, dout, lse2, delta, prob: RoutedProblem, plan: EntryPlan, cfg,
             glo, ghi, group.to(torch.int32), index, dk, dv, acc_k, acc_v, (i % 2) * half,
             ((i + 1) % 2) * half, b0, scale * _LOG2E, scale, hkv, k.stride(0), k.stride(1),
             D=d, DP=padded_dim(d), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            IEEE=q.dtype == torch.float32, ACCUM=multi, num_warps=tile.num_warps,
-            num_stages=tile.num_stages,
+            IEEE=q.dtype == torch.float32, ACCUM=multi, SKIP=cfg.dkdv_skip,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
 
 
