@@ -153,8 +153,9 @@ def sweep_case(name, dev, out, reps):
 
 
 def bwd_case(name, dev, out, reps):
-    """The whole backward (``bwd_all``) per ``BWD`` variant, and the forward with one partial
-    chunk, against the defaults (bwd rows: ``err`` of dk, ``lse_err`` = max |dq - dq default|)."""
+    """The forward at partial chunks of 2^28 and 2^30 elements, and the whole backward
+    (``bwd_all``) per ``BWD`` variant, each against its first variant (bwd rows: ``err`` of dk,
+    ``lse_err`` = max |dq - dq default|)."""
     q, k, v, do, prob, flops = build(name, dev)
     plan = triton_moba.plan_entries(prob.sel, prob.num_blocks, k.shape[1])
     fwd = [

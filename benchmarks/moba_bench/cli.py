@@ -14,7 +14,7 @@ import torch
 
 from .cases import select_cases
 from .common import device_slug
-from .dense import YARDSTICK
+from .dense import YARDSTICK, dense_backends
 from .report import write_run
 
 __all__ = ["main"]
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--reps, --budget-s and --acc-tokens must be > 0, got {a.reps}, "
             f"{a.budget_s}, {a.acc_tokens}"
         )
-    known = ("dense-cudnn", "dense-fa2", "dense-math", YARDSTICK)
+    known = (*dense_backends(torch.device("cuda")), *dense_backends(torch.device("cpu")), YARDSTICK)
     if a.baselines and not set(a.baselines) <= set(known):
         ap.error(f"--baselines takes names from {', '.join(known)}, got {','.join(a.baselines)}")
     if a.quick and a.job == "cp":

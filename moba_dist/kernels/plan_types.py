@@ -103,7 +103,7 @@ class FwdConfig:
     float32); None means q's dtype for 16-bit inputs (halves the partial traffic for one extra
     rounding of each partial: device-checked within the bf16 error budget, NOTES_triton.md),
     float32 for float32 inputs. ``chunk_elems``: elements of one chunk's partial buffer (2 GiB
-    transient in bf16; fewer chunks mean fewer launches and host syncs: 10% faster forward at
+    transient in bf16; fewer chunks mean fewer launches and host syncs: 8% faster forward at
     H32 32K than 2^28 on the H200, kernel_sweep round 4).
     """
 
@@ -143,8 +143,8 @@ class BwdConfig:
     """Knobs of the triton backward. ``dkdv`` / ``dq``: launch shapes per head dim (H200
     defaults from the same sweep as ``FwdConfig``). ``slab_elems``: gathered q + dout elements of
     one dK/dV slab (2 GiB in bf16). ``chunk_elems``: float32 elements of one chunk's per-entry
-    dQ partial buffer (4 GiB). Both transient; 2^30 over 2^28 saves 2-4% of the backward at
-    block 4096 and at GQA 128K (kernel_sweep round 4); lower them where memory is tight.
+    dQ partial buffer (4 GiB). Both transient; 2^30 over 2^28 saves 3-6% of the backward at
+    block 4096 and 10-13% at block 512 (kernel_sweep round 4); lower them where memory is tight.
     ``dkdv_skip``: each dK/dV program skips the leading query tiles that cannot see its keys
     (bitwise the same gradients)."""
 
